@@ -1,0 +1,216 @@
+"""Non-private training and evaluation of the two-tower model over user histories.
+
+Training is denoising next-items: each step shows a user a random subset of
+their own history (recency-weighted pooling) and asks the model to put the
+user's whole history on top of the catalogue. One sample = one user, which is
+also the unit of user-level DP later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fedtower.data.prepared import UserHistories
+from fedtower.metrics import RankingSums, evaluate_scores, sampled_hit_and_ndcg
+from fedtower.models.losses import LOSSES, candidate_loss, sample_negatives
+from fedtower.models.two_tower import (
+    TwoTower,
+    drop_history,
+    pad_histories,
+    softmax_cross_entropy,
+)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 6e-3
+    schedule: str = "onecycle"  # "onecycle" | "constant"
+    history_len: int = 200  # most recent items pooled into the user vector
+    history_dropout: float = 0.5  # share of input history hidden each step
+    loss: str = "softmax"  # "softmax" (whole catalogue) | "sampled-softmax" | "bpr"
+    num_negatives: int = 256  # for the sampled losses
+    user_l2: float = 1.0  # L2 on the free user embedding: keeps it a small correction
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if self.schedule not in ("onecycle", "constant"):
+            raise ValueError(f"schedule must be 'onecycle' or 'constant', got {self.schedule!r}.")
+        if not 0 <= self.history_dropout < 1:
+            raise ValueError(f"history_dropout must be in [0, 1), got {self.history_dropout}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizer(model: TwoTower, config: TrainConfig) -> torch.optim.Optimizer:
+    user_params = [p for n, p in model.named_parameters() if n.startswith("user_tower.")]
+    other_params = [p for n, p in model.named_parameters() if not n.startswith("user_tower.")]
+    groups = [{"params": other_params, "weight_decay": config.weight_decay}]
+    if user_params:
+        groups.append({"params": user_params, "weight_decay": config.user_l2})
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def batch_targets(histories: UserHistories, users: np.ndarray, num_items: int) -> torch.Tensor:
+    """Dense target weights B x N: each user's own interactions, by behaviour weight."""
+    targets = torch.zeros(len(users), num_items)
+    for row, u in enumerate(users):
+        targets[row, histories.items_of(u)] = torch.from_numpy(histories.weights_of(u))
+    return targets
+
+
+def train_step_loss(
+    model: TwoTower,
+    histories: UserHistories,
+    users: np.ndarray,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean per-user loss for one batch of user rows."""
+    lists = [histories.items_of(u) for u in users]
+    history = drop_history(pad_histories(lists, config.history_len), config.history_dropout, generator)
+    user_ids = torch.as_tensor(users, dtype=torch.long) if model.user_tower.embedding is not None else None
+    num_items = model.config.num_items
+    if config.loss == "softmax":
+        vectors, bias = model.item_table()
+        logits = model.user_vectors(user_ids, history, vectors) @ vectors.T + bias
+        targets = batch_targets(histories, users, num_items)
+        return softmax_cross_entropy(logits, targets).mean()
+    # Sampled losses: one weighted positive per user per step, uniform negatives.
+    positives = torch.tensor([_pick_positive(histories, u, generator) for u in users])
+    negatives = sample_negatives(
+        len(users), config.num_negatives, num_items, positives=positives, generator=generator
+    )
+    candidates = torch.cat([positives.view(-1, 1), negatives], dim=1)
+    scores = model(user_ids if user_ids is not None else torch.zeros(len(users), dtype=torch.long),
+                   history, candidates)
+    return candidate_loss(config.loss, scores).mean()
+
+
+def _pick_positive(histories: UserHistories, u: int, generator: torch.Generator) -> int:
+    items, weights = histories.items_of(u), histories.weights_of(u)
+    choice = torch.multinomial(torch.from_numpy(weights.astype(np.float32)), 1, generator=generator)
+    return int(items[int(choice)])
+
+
+def train(
+    model: TwoTower,
+    histories: UserHistories,
+    config: TrainConfig,
+    *,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train in place on every user with history; returns per-epoch logs."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    trainable = np.flatnonzero(histories.lengths() > 0)
+    if len(trainable) == 0:
+        raise ValueError("No user has any training interaction; nothing to train on.")
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = -(-len(trainable) // config.batch_size)
+    scheduler = None
+    if config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
+        )
+    logs = []
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        started, total = time.perf_counter(), 0.0
+        order = rng.permutation(trainable)
+        for start in range(0, len(order), config.batch_size):
+            loss = train_step_loss(model, histories, order[start : start + config.batch_size], config,
+                                   generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * min(config.batch_size, len(order) - start)
+        log = {"epoch": epoch, "loss": total / len(order), "seconds": time.perf_counter() - started}
+        logs.append(log)
+        if progress is not None:
+            progress(log)
+    model.eval()
+    return logs
+
+
+@torch.no_grad()
+def evaluate(
+    model: TwoTower,
+    train: UserHistories,
+    test: UserHistories,
+    *,
+    k: int = 20,
+    history_len: int = 200,
+    popularity: np.ndarray | None = None,
+    chunk: int = 256,
+) -> RankingSums:
+    """Full-catalogue ranking metrics as mergeable sums (BENCHMARKS.md protocol).
+
+    Each user's train items are excluded and their test items are relevant.
+    """
+    model.eval()
+    vectors, bias = model.item_table()
+    item_vectors = vectors.numpy()
+    sums = RankingSums()
+    num_users = int((train.lengths() > 0).sum())
+    for start in range(0, len(train), chunk):
+        rows = np.arange(start, min(start + chunk, len(train)))
+        lists = [train.items_of(u) for u in rows]
+        history = pad_histories(lists, history_len)
+        user_ids = torch.as_tensor(rows) if model.user_tower.embedding is not None else None
+        scores = (model.user_vectors(user_ids, history, vectors) @ vectors.T + bias).numpy()
+        sums = sums + evaluate_scores(
+            scores,
+            exclude=lists,
+            relevant=[test.items_of(u) for u in rows],
+            k=k,
+            popularity=popularity,
+            num_popularity_users=num_users if popularity is not None else None,
+            item_vectors=item_vectors,
+        )
+    return sums
+
+
+@torch.no_grad()
+def evaluate_sampled(
+    model: TwoTower,
+    train: UserHistories,
+    test_items: np.ndarray,
+    negatives: np.ndarray,
+    *,
+    k: int = 10,
+    history_len: int = 200,
+) -> dict[str, float]:
+    """HR@k / NDCG@k of the NCF leave-one-out protocol (1 held-out item vs sampled negatives).
+
+    test_items[u] is user row u's held-out item (-1: not evaluated); negatives[u] its negatives.
+    """
+    model.eval()
+    vectors, bias = model.item_table()
+    rows = np.flatnonzero(test_items >= 0)
+    history = pad_histories([train.items_of(u) for u in rows], history_len)
+    user_ids = torch.as_tensor(rows) if model.user_tower.embedding is not None else None
+    users = model.user_vectors(user_ids, history, vectors)
+    candidates = torch.as_tensor(np.concatenate([test_items[rows, None], negatives[rows]], axis=1))
+    scores = (vectors[candidates] @ users.unsqueeze(-1)).squeeze(-1) + bias[candidates]
+    hits, ndcg = sampled_hit_and_ndcg(scores[:, 0].numpy(), scores[:, 1:].numpy(), k=k)
+    return {f"hr@{k}": float(np.mean(hits)), f"ndcg@{k}": float(np.mean(ndcg)), "users": len(rows)}
