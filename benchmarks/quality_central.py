@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loo", action="store_true",
-                        help="also train and report HR@10/NDCG@10 under leave-one-out (NCF)")
+    parser.add_argument(
+        "--loo",
+        action="store_true",
+        help="also train and report HR@10/NDCG@10 under leave-one-out (NCF)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

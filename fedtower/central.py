@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedtower.data.prepared import PreparedSplit, prepare_split
+from fedtower.data.prepared import PreparedSplit, UserHistories, prepare_split
 from fedtower.data.schema import Dataset, atomic_write_text
+from fedtower.data.splits import leave_one_out
 from fedtower.data.weights import BehaviourWeights
 from fedtower.metrics import RankingSums, evaluate_scores
-from fedtower.data.prepared import UserHistories
-from fedtower.data.splits import leave_one_out
 from fedtower.models.training import TrainConfig, evaluate, evaluate_sampled, train
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
 
@@ -71,7 +70,11 @@ def run_central(
     model = build_model(dataset, split, **model_settings)
     logs = train(model, split.train, train_config, progress=progress)
     metrics = evaluate(
-        model, split.train, split.test, k=k, history_len=train_config.history_len,
+        model,
+        split.train,
+        split.test,
+        k=k,
+        history_len=train_config.history_len,
         popularity=split.popularity(),
     ).finalize()
     result = {

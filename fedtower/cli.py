@@ -58,8 +58,11 @@ def comparison_table(columns: dict[str, dict], keys: list[str]) -> str:
         cells = []
         for name in names:
             value = columns[name].get(key, float("nan"))
-            text = "n/a" if isinstance(value, float) and math.isnan(value) else (
-                f"{value:.4f}" if isinstance(value, float) else str(value))
+            text = (
+                "n/a"
+                if isinstance(value, float) and math.isnan(value)
+                else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            )
             cells.append(f"{text:>{col}}")
         lines.append(f"{key:<{width}}" + "".join(cells))
     return "\n".join(lines)
@@ -164,7 +167,9 @@ def data_synth(
     except ValueError as err:
         raise _fail(str(err)) from None
     to_folder(dataset, out)
-    typer.echo(f"Wrote {len(dataset.events):,} events and {len(dataset.catalogue):,} items to {out}.")
+    typer.echo(
+        f"Wrote {len(dataset.events):,} events and {len(dataset.catalogue):,} items to {out}."
+    )
 
 
 if __name__ == "__main__":

@@ -714,9 +714,21 @@ def load_dataset(
             + _no_layout_message(folder).split(": ", 1)[1].rstrip(".")
             + "; or catalogue.csv|parquet with events.csv|parquet or an events/ folder."
         )
-    catalogue = load_catalogue(catalogue_path)
+    catalogue = load_catalogue(catalogue_path, feature_columns=_prefixed_columns(catalogue_path, "f_"))
     events, report = load_event_log(events_path, catalogue=catalogue, on_error=on_error)
     return Dataset(catalogue=catalogue, events=events, name=folder.name), report
+
+
+def _prefixed_columns(path: Path, prefix: str) -> list[str]:
+    """Header columns starting with `prefix` (dense feature columns, as `to_folder` writes them)."""
+    try:
+        if path.suffix == ".parquet":
+            names = pq.read_schema(path).names
+        else:
+            names = pd.read_csv(path, nrows=0).columns.tolist()
+    except (OSError, ValueError, pa.ArrowException):
+        return []  # load_catalogue reports the unreadable file properly
+    return [name for name in names if str(name).startswith(prefix)]
 
 
 def _one_of(folder: Path, names: list[str]) -> Path | None:

@@ -40,7 +40,7 @@ class UserHistories:
         return np.diff(self.indptr)
 
     @classmethod
-    def from_interactions(cls, interactions: pd.DataFrame, users: list[str]) -> "UserHistories":
+    def from_interactions(cls, interactions: pd.DataFrame, users: list[str]) -> UserHistories:
         """Histories of `users` (in that order), each sorted by (timestamp, item row)."""
         position = pd.Index(users).get_indexer(interactions["user"].astype(str))
         listed = position >= 0

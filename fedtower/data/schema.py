@@ -81,7 +81,7 @@ class ItemIndex:
         atomic_write_text(Path(path), json.dumps(payload))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ItemIndex":
+    def load(cls, path: str | Path) -> ItemIndex:
         path = Path(path)
         try:
             payload = json.loads(path.read_text())

@@ -38,11 +38,15 @@ def synthetic_config(spec: str) -> SyntheticConfig:
         try:
             values[name] = float(raw) if "." in raw else int(raw)
         except ValueError:
-            raise ValueError(f"Synthetic data setting {key!r} must be a number, got {raw!r}.") from None
+            raise ValueError(
+                f"Synthetic data setting {key!r} must be a number, got {raw!r}."
+            ) from None
     return SyntheticConfig(**values)
 
 
-def resolve_dataset(spec: str | None, *, on_error: OnError = "raise") -> tuple[Dataset, ValidationReport]:
+def resolve_dataset(
+    spec: str | None, *, on_error: OnError = "raise"
+) -> tuple[Dataset, ValidationReport]:
     """Load a dataset from a folder path, or generate the synthetic default."""
     spec = (spec or SYNTHETIC).strip()
     if spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":"):

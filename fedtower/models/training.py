@@ -84,8 +84,12 @@ def train_step_loss(
 ) -> torch.Tensor:
     """Mean per-user loss for one batch of user rows."""
     lists = [histories.items_of(u) for u in users]
-    history = drop_history(pad_histories(lists, config.history_len), config.history_dropout, generator)
-    user_ids = torch.as_tensor(users, dtype=torch.long) if model.user_tower.embedding is not None else None
+    history = drop_history(
+        pad_histories(lists, config.history_len), config.history_dropout, generator
+    )
+    user_ids = (
+        torch.as_tensor(users, dtype=torch.long) if model.user_tower.embedding is not None else None
+    )
     num_items = model.config.num_items
     if config.loss == "softmax":
         vectors, bias = model.item_table()
@@ -98,8 +102,11 @@ def train_step_loss(
         len(users), config.num_negatives, num_items, positives=positives, generator=generator
     )
     candidates = torch.cat([positives.view(-1, 1), negatives], dim=1)
-    scores = model(user_ids if user_ids is not None else torch.zeros(len(users), dtype=torch.long),
-                   history, candidates)
+    scores = model(
+        user_ids if user_ids is not None else torch.zeros(len(users), dtype=torch.long),
+        history,
+        candidates,
+    )
     return candidate_loss(config.loss, scores).mean()
 
 
@@ -136,8 +143,9 @@ def train(
         started, total = time.perf_counter(), 0.0
         order = rng.permutation(trainable)
         for start in range(0, len(order), config.batch_size):
-            loss = train_step_loss(model, histories, order[start : start + config.batch_size], config,
-                                   generator)
+            loss = train_step_loss(
+                model, histories, order[start : start + config.batch_size], config, generator
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -81,7 +81,9 @@ class ItemTower(nn.Module):
     def set_content(self, content: torch.Tensor) -> None:
         expected = (self.config.num_items, self.config.content_dim)
         if tuple(content.shape) != expected:
-            raise ValueError(f"Content features must have shape {expected}, got {tuple(content.shape)}.")
+            raise ValueError(
+                f"Content features must have shape {expected}, got {tuple(content.shape)}."
+            )
         self.register_buffer("content", content.float().contiguous(), persistent=False)
 
     def forward(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +118,10 @@ class UserTower(nn.Module):
             nn.init.zeros_(self.embedding.weight)
 
     def forward(
-        self, user_ids: torch.Tensor | None, history_vectors: torch.Tensor, history_mask: torch.Tensor
+        self,
+        user_ids: torch.Tensor | None,
+        history_vectors: torch.Tensor,
+        history_mask: torch.Tensor,
     ) -> torch.Tensor:
         # user_ids B (or None for users without a free embedding), history_vectors B x L x d,
         # history_mask B x L (1 = real item, oldest first, pads anywhere) -> B x d
@@ -125,7 +130,9 @@ class UserTower(nn.Module):
         free = self.free_vectors(user_ids, history_vectors)
         if self.config.pooling == "attention":
             query = pooled + free
-            logits = (history_vectors @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(query.shape[-1])
+            logits = (history_vectors @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(
+                query.shape[-1]
+            )
             logits = logits.masked_fill(history_mask <= 0, float("-inf"))
             attention = torch.nan_to_num(torch.softmax(logits, dim=-1)) * (weights > 0)
             pooled = (attention.unsqueeze(-1) * history_vectors).sum(1)
@@ -159,18 +166,24 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(config, content)
         self.user_tower = UserTower(config)
 
-    def forward(self, user_ids: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user_ids: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample form (what Opacus sees): B users, B x L history, B x C candidates -> B x C."""
         length = history.shape[1]
         mask = history != PAD
-        ids = torch.cat([history.clamp(min=0), candidates], dim=1)  # one embedding call: B x (L + C)
+        ids = torch.cat(
+            [history.clamp(min=0), candidates], dim=1
+        )  # one embedding call: B x (L + C)
         vectors, bias = self.item_tower(ids)
         users = self.user_tower(user_ids, vectors[:, :length], mask)  # B x d
         return (vectors[:, length:] @ users.unsqueeze(-1)).squeeze(-1) + bias[:, length:]
 
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every catalogue item: vectors N x d and bias N."""
-        rows = torch.arange(self.config.num_items, device=self.item_tower.id_embedding.weight.device)
+        rows = torch.arange(
+            self.config.num_items, device=self.item_tower.id_embedding.weight.device
+        )
         return self.item_tower(rows)
 
     def user_vectors(
@@ -206,7 +219,9 @@ def pad_histories(histories: list, max_len: int) -> torch.Tensor:
     return out
 
 
-def drop_history(history: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_history(
+    history: torch.Tensor, rate: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Randomly hide history items (denoising training); keeps at least one real item per user."""
     if rate <= 0:
         return history
