@@ -51,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'onecycle' or 'constant', got {self.schedule!r}.")
         if not 0 <= self.history_dropout < 1:
             raise ValueError(f"history_dropout must be in [0, 1), got {self.history_dropout}.")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
 
@@ -83,27 +85,27 @@ def train_step_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean per-user loss for one batch of user rows."""
+    device = model.item_tower.id_embedding.weight.device
     lists = [histories.items_of(u) for u in users]
-    history = drop_history(
-        pad_histories(lists, config.history_len), config.history_dropout, generator
-    )
-    user_ids = (
-        torch.as_tensor(users, dtype=torch.long) if model.user_tower.embedding is not None else None
-    )
+    history = drop_history(pad_histories(lists, config.history_len), config.history_dropout, generator)
+    history = history.to(device)
+    user_ids = None
+    if model.user_tower.embedding is not None:
+        user_ids = torch.as_tensor(users, dtype=torch.long, device=device)
     num_items = model.config.num_items
     if config.loss == "softmax":
         vectors, bias = model.item_table()
         logits = model.user_vectors(user_ids, history, vectors) @ vectors.T + bias
-        targets = batch_targets(histories, users, num_items)
+        targets = batch_targets(histories, users, num_items).to(device)
         return softmax_cross_entropy(logits, targets).mean()
     # Sampled losses: one weighted positive per user per step, uniform negatives.
     positives = torch.tensor([_pick_positive(histories, u, generator) for u in users])
     negatives = sample_negatives(
         len(users), config.num_negatives, num_items, positives=positives, generator=generator
     )
-    candidates = torch.cat([positives.view(-1, 1), negatives], dim=1)
+    candidates = torch.cat([positives.view(-1, 1), negatives], dim=1).to(device)
     scores = model(
-        user_ids if user_ids is not None else torch.zeros(len(users), dtype=torch.long),
+        user_ids if user_ids is not None else torch.zeros(len(users), dtype=torch.long, device=device),
         history,
         candidates,
     )
@@ -122,20 +124,27 @@ def train(
     config: TrainConfig,
     *,
     progress: Callable[[dict], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[dict]:
-    """Train in place on every user with history; returns per-epoch logs."""
+    """Train in place on every user with history; returns per-epoch logs.
+
+    Pass `optimizer` to continue from earlier state (a federated client keeps
+    its own across rounds); otherwise a fresh one is made from `config`.
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     trainable = np.flatnonzero(histories.lengths() > 0)
     if len(trainable) == 0:
         raise ValueError("No user has any training interaction; nothing to train on.")
-    optimizer = make_optimizer(model, config)
+    optimizer = optimizer or make_optimizer(model, config)
     steps_per_epoch = -(-len(trainable) // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
     scheduler = None
-    if config.schedule == "onecycle":
+    # One-cycle needs a few warm-up steps; very short runs keep the constant rate.
+    if config.schedule == "onecycle" and total_steps >= 20:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.1
         )
     logs = []
     model.train()
@@ -176,16 +185,17 @@ def evaluate(
     Each user's train items are excluded and their test items are relevant.
     """
     model.eval()
+    device = model.item_tower.id_embedding.weight.device
     vectors, bias = model.item_table()
-    item_vectors = vectors.numpy()
+    item_vectors = vectors.cpu().numpy()
     sums = RankingSums()
     num_users = int((train.lengths() > 0).sum())
     for start in range(0, len(train), chunk):
         rows = np.arange(start, min(start + chunk, len(train)))
         lists = [train.items_of(u) for u in rows]
-        history = pad_histories(lists, history_len)
-        user_ids = torch.as_tensor(rows) if model.user_tower.embedding is not None else None
-        scores = (model.user_vectors(user_ids, history, vectors) @ vectors.T + bias).numpy()
+        history = pad_histories(lists, history_len).to(device)
+        user_ids = torch.as_tensor(rows, device=device) if model.user_tower.embedding is not None else None
+        scores = (model.user_vectors(user_ids, history, vectors) @ vectors.T + bias).cpu().numpy()
         sums = sums + evaluate_scores(
             scores,
             exclude=lists,

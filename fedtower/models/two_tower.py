@@ -44,7 +44,7 @@ class TwoTowerConfig:
             raise ValueError(f"dim must be at least 1, got {self.dim}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
-        if self.recency < 0:
+        if not self.recency >= 0:  # also rejects NaN
             raise ValueError(f"recency must be non-negative, got {self.recency}.")
 
     def to_dict(self) -> dict:
@@ -191,7 +191,7 @@ class TwoTower(nn.Module):
     ) -> torch.Tensor:
         """User vectors B x d from a precomputed item table (training on the whole catalogue, serving)."""
         mask = history != PAD
-        history_vectors = item_vectors[history.clamp(min=0)]  # B x L x d
+        history_vectors = F.embedding(history.clamp(min=0), item_vectors)  # deterministic backward  # B x L x d
         return self.user_tower(user_ids, history_vectors, mask)
 
     def score_all(self, user_ids: torch.Tensor | None, history: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""Run configuration: every tunable, its default, and its validation.
+
+The defaults here are the single source of truth; `[tool.flwr.app.config]` in
+pyproject.toml repeats them for `flwr run` (a test keeps the two identical).
+Keys are Flower's kebab-case run-config keys; values are str, int, float or bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum")
+PARTITIONINGS = ("sites", "users")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # Data and partitioning (public settings; the data itself stays on clients).
+    data: str = "synthetic"  # folder, or synthetic[:users=N,items=M,seed=S]
+    partitioning: str = "sites"  # sites: N partner sites | users: one user per client
+    num_sites: int = 10
+    size_skew: float = 0.0
+    taste_skew: float = 0.0
+    partition_seed: int = 0
+    # Federation.
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 1
+    min_evaluate_nodes: int = 1
+    min_available_nodes: int = 1
+    eval_every: int = 2  # federated evaluation every N rounds (and after the last)
+    round_timeout: float = 3600.0
+    # Server strategy.
+    strategy: str = "fedavg"
+    server_lr: float = 0.05  # FedAdam / FedYogi eta
+    server_momentum: float = 0.9  # FedAvgM
+    trim_beta: float = 0.2  # FedTrimmedAvg: share cut at each end
+    krum_byzantine: int = 1  # Krum: tolerated malicious clients
+    # Model.
+    dim: int = 128
+    pooling: str = "mean"
+    history_len: int = 200
+    # Local training.
+    local_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 3e-3
+    history_dropout: float = 0.5
+    loss: str = "softmax"
+    num_negatives: int = 256
+    user_l2: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    k: int = 20
+    # Outputs and state.
+    output_dir: str = ""  # "" -> ~/.fedtower/runs
+    run_name: str = ""  # "" -> a timestamp; reuse a name with resume=true to continue it
+    resume: bool = False
+    state_root: str = ""  # simulation only: node state dirs ("" -> <run dir>/clients)
+    # Simulation resources (read by `fedtower simulate`; `flwr run` takes them from
+    # the federation config instead).
+    num_supernodes: int = 0  # 0 -> one per partition
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.partitioning not in PARTITIONINGS:
+            raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}.")
+        for name in ("num_sites", "num_server_rounds", "eval_every", "local_epochs", "batch_size",
+                     "dim", "history_len", "k"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_kebab(name)} must be at least 1, got {getattr(self, name)}.")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{_kebab(name)} must be between 0 and 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}.")
+        if self.client_num_gpus < 0 or self.client_num_cpus <= 0:
+            raise ValueError("client-num-cpus must be positive and client-num-gpus non-negative.")
+
+    # ------------------------------------------------------------------ mapping
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object] | None) -> RunSettings:
+        """Settings from Flower's run config (kebab keys); missing keys take the defaults.
+
+        Unknown keys are an error, so a typo never silently falls back to a default.
+        """
+        by_key = {_kebab(f.name): f for f in fields(cls)}
+        values: dict[str, object] = {}
+        unknown = []
+        for key, raw in dict(run_config or {}).items():
+            spec = by_key.get(key)
+            if spec is None:
+                unknown.append(key)
+                continue
+            values[spec.name] = _coerce(key, raw, type(getattr(cls(), spec.name)))
+        if unknown:
+            raise ValueError(
+                f"Unknown run-config keys {sorted(unknown)}; known keys are {sorted(by_key)}."
+            )
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def run_dir(self) -> Path:
+        root = Path(self.output_dir).expanduser() if self.output_dir else Path.home() / ".fedtower" / "runs"
+        return (root / (self.run_name or "run")).resolve()
+
+    def node_state_dir(self, partition_id: int) -> Path:
+        root = Path(self.state_root).expanduser() if self.state_root else self.run_dir / "clients"
+        return (root / f"partition-{partition_id:05d}").resolve()
+
+
+def _coerce(key: str, raw: object, kind: type) -> object:
+    """Flower gives TOML values; accept an int where a float is expected, nothing looser."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif isinstance(raw, kind):
+        return raw
+    raise ValueError(f"Run-config key {key!r} must be a {kind.__name__}, got {raw!r}.")
+
+
+DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = RunSettings().to_run_config()
