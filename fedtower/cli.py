@@ -172,8 +172,7 @@ def simulate(
         result = run_simulation(settings, verbose=verbose)
     except (ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
-    typer.echo((Path(result["run_dir"]) / "summary.txt").read_text())
-    typer.echo(f"Run directory: {result['run_dir']}")
+    typer.echo(f"Run directory: {result['run_dir']} (summary.txt, metrics.csv, plots/, checkpoints/)")
 
 
 def _log_progress(verbose: bool) -> None:

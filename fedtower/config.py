@@ -27,7 +27,7 @@ class RunSettings:
     partitioning: str = "sites"  # sites: N partner sites | users: one user per client
     num_sites: int = 10
     size_skew: float = 0.0
-    taste_skew: float = 0.0
+    taste_skew: float = 0.0  # share of users placed by taste (0 random .. 1 strictly by taste)
     partition_seed: int = 0
     # Federation.
     num_server_rounds: int = 10
@@ -84,6 +84,10 @@ class RunSettings:
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{_kebab(name)} must be between 0 and 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.taste_skew <= 1.0:
+            raise ValueError(f"taste-skew must be between 0 and 1, got {self.taste_skew}.")
+        if not self.size_skew >= 0.0:
+            raise ValueError(f"size-skew must be non-negative, got {self.size_skew}.")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}.")
         if self.client_num_gpus < 0 or self.client_num_cpus <= 0:

@@ -191,7 +191,8 @@ class TwoTower(nn.Module):
     ) -> torch.Tensor:
         """User vectors B x d from a precomputed item table (training on the whole catalogue, serving)."""
         mask = history != PAD
-        history_vectors = F.embedding(history.clamp(min=0), item_vectors)  # deterministic backward  # B x L x d
+        # B x L x d; F.embedding (not indexing) keeps the backward deterministic
+        history_vectors = F.embedding(history.clamp(min=0), item_vectors)
         return self.user_tower(user_ids, history_vectors, mask)
 
     def score_all(self, user_ids: torch.Tensor | None, history: torch.Tensor) -> torch.Tensor:

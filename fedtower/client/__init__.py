@@ -1,0 +1,1 @@
+"""Client side: local training, private state, budget guard and on-device serving."""

@@ -1,0 +1,20 @@
+"""fedtower's Flower ClientApp: routes messages to fedtower.client.handlers."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtower.client.handlers import evaluate_on_node, train_on_node
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the item tower and this node's private user embeddings on local data."""
+    return train_on_node(message, context)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the global item tower on this node's held-out interactions."""
+    return evaluate_on_node(message, context)

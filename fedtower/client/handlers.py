@@ -1,0 +1,161 @@
+"""The client's work for each Flower message, as plain functions.
+
+`client_app.py` only routes messages here. What is sent back is exactly the
+item tower (ITEM_TOWER keys) and a few aggregate metrics; user embeddings,
+user ids and per-user counts stay in the node's state dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedtower.client.local import (
+    build_model,
+    load_node_data,
+    load_user_embeddings,
+    pick_device,
+    state_dir_of,
+    user_embeddings_payload,
+)
+from fedtower.client.state import ClientStateStore
+from fedtower.config import RunSettings
+from fedtower.models.training import TrainConfig, evaluate, make_optimizer, train
+from fedtower.models.two_tower import TwoTower
+
+log = logging.getLogger("fedtower.client")
+
+
+def settings_of(message: Message, context: Context, run_config: Mapping | None = None) -> RunSettings:
+    """Run settings (`run_config` overrides the context's, for in-process simulation).
+
+    The server names the run when the run config leaves it blank.
+    """
+    settings = RunSettings.from_run_config({**dict(context.run_config), **dict(run_config or {})})
+    config = message.content.get("config")
+    if not settings.run_name and config is not None and config.get("run-name"):
+        settings = replace(settings, run_name=str(config["run-name"]))
+    return settings
+
+
+def open_state(settings: RunSettings, context: Context) -> ClientStateStore:
+    state_dir, may_create = state_dir_of(settings, context.node_config)
+    return ClientStateStore(state_dir, create=may_create)
+
+
+def load_global_item_tower(model: TwoTower, arrays: ArrayRecord) -> None:
+    """Load the server's item tower; any other key or shape is refused."""
+    incoming = arrays.to_torch_state_dict()
+    expected = model.item_tower_state()
+    if set(incoming) != set(expected):
+        raise ValueError(
+            f"The server sent arrays {sorted(set(incoming) ^ set(expected))} that do not match this "
+            "client's item tower; check that server and client run the same fedtower and settings."
+        )
+    for key, tensor in incoming.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"The server's '{key}' has shape {tuple(tensor.shape)}, this client expects "
+                f"{tuple(expected[key].shape)} (different catalogue or dim?)."
+            )
+    model.load_state_dict(incoming, strict=False)
+
+
+def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        schedule="constant",
+        history_len=settings.history_len,
+        history_dropout=settings.history_dropout,
+        loss=settings.loss,
+        num_negatives=settings.num_negatives,
+        user_l2=settings.user_l2,
+        seed=settings.seed * 100_003 + server_round,
+    )
+
+
+def train_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
+    started = time.perf_counter()
+    settings = settings_of(message, context, run_config)
+    config: ConfigRecord = message.content["config"]
+    server_round = int(config.get("server-round", 0))
+    state = open_state(settings, context)
+    data = load_node_data(settings, context.node_config)
+    device = pick_device(settings.device)
+
+    model = build_model(settings, data.catalogue, len(data.users))
+    load_global_item_tower(model, message.content["arrays"])
+    global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
+    load_user_embeddings(model, data.users, state.load("users", default=None))
+    model.to(device)
+    train_config = local_train_config(settings, server_round)
+    optimizer = make_optimizer(model, train_config)
+    saved_optimizer = state.load("optimizer", default=None)
+    if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
+        optimizer.load_state_dict(saved_optimizer)
+    logs = train(model, data.split.train, train_config, optimizer=optimizer)
+
+    model.cpu()
+    meta = state.load("meta", default={}) or {}
+    rounds_trained = int(meta.get("rounds_trained", 0)) + 1
+    state.save(
+        {
+            "users": user_embeddings_payload(model, data.users),
+            "optimizer": _cpu_state(optimizer.state_dict()),
+            "item_tower": global_snapshot,  # the latest global tower, for serving
+            "meta": {**meta, "rounds_trained": rounds_trained, "last_round": server_round,
+                     "data_source": data.source},  # fmt: skip
+        }
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.users),
+            "train-loss": float(logs[-1]["loss"]),
+            "train-seconds": time.perf_counter() - started,
+        }
+    )
+    arrays = ArrayRecord(model.item_tower_state())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+
+
+def evaluate_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
+    """Rank the whole catalogue for each local user with their private embedding; send sums only."""
+    settings = settings_of(message, context, run_config)
+    state = open_state(settings, context)
+    data = load_node_data(settings, context.node_config)
+    model = build_model(settings, data.catalogue, len(data.users))
+    load_global_item_tower(model, message.content["arrays"])
+    load_user_embeddings(model, data.users, state.load("users", default=None))
+    sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len)
+    payload = sums.to_dict()
+    payload["num-examples"] = max(sums.users, 1)
+    return Message(content=RecordDict({"metrics": MetricRecord(payload)}), reply_to=message)
+
+
+def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """A saved optimizer fits only if every parameter it tracked has the same shape now."""
+    current = optimizer.state_dict()
+    if len(saved.get("param_groups", [])) != len(current["param_groups"]):
+        return False
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, slot in saved.get("state", {}).items():
+        avg = slot.get("exp_avg")
+        if index >= len(params) or avg is None or tuple(avg.shape) != tuple(params[index].shape):
+            return False
+    return True
+
+
+def _cpu_state(state: dict) -> dict:
+    """Optimizer state with tensors on the CPU, so it loads on any device."""
+    return {
+        "state": {k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
+                  for k, s in state["state"].items()},  # fmt: skip
+        "param_groups": state["param_groups"],
+    }

@@ -1,0 +1,145 @@
+"""What one client node holds: its settings, its local data, its private state.
+
+Resolved fresh for every message (in deployment every message is a new
+process), from the run config, the node config and the node's state dir.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedtower.config import RunSettings
+from fedtower.data.loaders import load_event_log
+from fedtower.data.prepared import PreparedSplit, prepare_split
+from fedtower.data.schema import Catalogue, Dataset
+from fedtower.data.sources import resolve_dataset
+from fedtower.models.two_tower import TwoTower, TwoTowerConfig
+from fedtower.simulations.partition import PartitionConfig, partition_events
+
+log = logging.getLogger("fedtower.client")
+
+
+@functools.lru_cache(maxsize=4)
+def cached_dataset(spec: str) -> Dataset:
+    """The (public catalogue + simulated events) dataset; cached per worker process."""
+    dataset, report = resolve_dataset(spec)
+    if report.rows_skipped:
+        log.warning("%s", report.summary(max_issues=5))
+    return dataset
+
+
+def partition_config(settings: RunSettings, num_partitions: int) -> PartitionConfig:
+    sites = settings.partitioning == "sites"
+    return PartitionConfig(
+        scheme=settings.partitioning,
+        num_partitions=num_partitions,
+        size_skew=settings.size_skew if sites else 0.0,
+        taste_skew=settings.taste_skew if sites else 0.0,
+        seed=settings.partition_seed,
+    )
+
+
+@dataclass
+class NodeData:
+    """The node's own events, split by time into local train and test histories."""
+
+    catalogue: Catalogue
+    split: PreparedSplit
+    source: str
+
+    @property
+    def users(self) -> list[str]:
+        return self.split.users
+
+
+def load_node_data(settings: RunSettings, node_config: dict) -> NodeData:
+    """Simulation: a partition of the run's dataset. Deployment: node config `data-path`."""
+    dataset = cached_dataset(settings.data)
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        events, report = load_event_log(path, catalogue=dataset.catalogue, on_error="skip")
+        if report.rows_skipped:
+            # Unknown items and bad rows are reported, never silently dropped.
+            log.warning("Local data validation: %s", report.summary(max_issues=10))
+        local = Dataset(dataset.catalogue, events, name=str(path))
+        source = str(path)
+    elif "partition-id" in node_config:
+        partition_id = int(node_config["partition-id"])
+        default = settings.num_sites if settings.partitioning == "sites" else 0  # 0: one per user
+        num_partitions = int(node_config.get("num-partitions", default))
+        local = partition_events(dataset, partition_config(settings, num_partitions), partition_id)
+        source = f"{settings.data} partition {partition_id}/{num_partitions}"
+    else:
+        raise ValueError(
+            "This node has neither `data-path` (deployment) nor `partition-id` (simulation) in its "
+            "node config, so it has no data to train on."
+        )
+    if local.events.empty:
+        raise ValueError(f"The node's data ({source}) holds no valid events.")
+    return NodeData(dataset.catalogue, prepare_split(local), source)
+
+
+def state_dir_of(settings: RunSettings, node_config: dict) -> tuple[Path, bool]:
+    """The node's state dir, and whether the client may create it.
+
+    Deployment names it in node config (`state-dir`) and the site creates it
+    beforehand, so a missing directory is an error rather than a fresh start.
+    Simulation keeps one per partition under the run.
+    """
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"])).expanduser(), False
+    if "partition-id" in node_config:
+        return settings.node_state_dir(int(node_config["partition-id"])), True
+    raise ValueError("This node has no `state-dir` in its node config.")
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda was asked for, but no CUDA device is available here.")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def model_config(settings: RunSettings, catalogue: Catalogue, num_users: int) -> TwoTowerConfig:
+    """The one model shape every party derives from the public catalogue and run config."""
+    return TwoTowerConfig(
+        num_items=len(catalogue),
+        num_users=num_users,
+        dim=settings.dim,
+        content_dim=catalogue.num_features,
+        pooling=settings.pooling,
+    )
+
+
+def build_model(settings: RunSettings, catalogue: Catalogue, num_users: int) -> TwoTower:
+    content = None if catalogue.features is None else torch.from_numpy(catalogue.features)
+    return TwoTower(model_config(settings, catalogue, num_users), content)
+
+
+def load_user_embeddings(model: TwoTower, users: list[str], saved: dict | None) -> None:
+    """Put saved private embeddings back by user id; users seen for the first time start at zero."""
+    if saved is None or model.user_tower.embedding is None:
+        return
+    row_of = {user: row for row, user in enumerate(saved["users"])}
+    table = saved["embeddings"]
+    if table.shape[1] != model.config.dim:
+        raise ValueError(
+            f"Saved user embeddings have dim {table.shape[1]} but the run uses dim {model.config.dim}."
+        )
+    weight = model.user_tower.embedding.weight
+    with torch.no_grad():
+        rows = [(new, row_of[u]) for new, u in enumerate(users) if u in row_of]
+        if rows:
+            new_rows, old_rows = map(list, zip(*rows, strict=True))
+            weight[new_rows] = table[old_rows].to(weight.dtype).to(weight.device)
+
+
+def user_embeddings_payload(model: TwoTower, users: list[str]) -> dict:
+    weight = model.user_tower.embedding.weight.detach().cpu().clone()
+    return {"users": list(users), "embeddings": weight}

@@ -1,0 +1,1 @@
+"""Server side: the run directory (config, metrics, checkpoints) and the run report."""

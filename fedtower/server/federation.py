@@ -1,0 +1,117 @@
+"""The server side of a fedtower run: catalogue, initial item tower, strategy, outputs.
+
+`server_app.py` only calls `run_federation`. The server knows the public
+catalogue and nothing else: it builds the item tower from it, starts the
+wrapped Flower strategy, checkpoints every round and writes the run report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedtower.client.local import build_model, cached_dataset
+from fedtower.config import RunSettings
+from fedtower.server.report import plot_metrics, summary_table
+from fedtower.server.run_dir import RunDirectory
+from fedtower.strategies.item_tower import (
+    ItemTowerStrategy,
+    array_spec,
+    build_inner_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
+
+log = logging.getLogger("fedtower.server")
+
+SUMMARY_KEYS = ("ndcg@{k}", "recall@{k}", "precision@{k}", "mrr", "coverage@{k}", "users")
+
+
+def initial_item_tower(settings: RunSettings) -> ArrayRecord:
+    """The item tower every client starts from, built from the public catalogue alone."""
+    torch.manual_seed(settings.seed)
+    catalogue = cached_dataset(settings.data).catalogue
+    model = build_model(settings, catalogue, num_users=0)
+    return ArrayRecord(model.item_tower_state())
+
+
+def _numpy_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in arrays.items()}
+
+
+def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> dict:
+    """Run (or resume) the federation; returns the final metrics history."""
+    started = time.perf_counter()
+    if not settings.run_name:
+        settings = RunSettings(**{**asdict(settings), "run_name": time.strftime("run-%Y%m%d-%H%M%S")})
+    run_dir = RunDirectory(settings.run_dir)
+    run_dir.write_config(settings.to_run_config())
+    log.info("Run directory: %s", run_dir.path)
+
+    arrays = initial_item_tower(settings)
+    expected = array_spec(arrays)
+    inner = build_inner_strategy(settings.strategy, **asdict(settings))
+    offset = 0
+    checkpoint = run_dir.load_latest_checkpoint() if settings.resume else None
+    if checkpoint is not None:
+        offset = checkpoint.round
+        arrays = _array_record(checkpoint.arrays)
+        if array_spec(arrays) != expected:
+            raise ValueError(
+                f"The checkpoint of round {offset} in {run_dir.path} does not match this run's item "
+                "tower (different catalogue or dim); start a new run name instead of resuming."
+            )
+        restore_strategy_state(inner, checkpoint.strategy_state)
+        log.info("Resuming %s after round %d.", settings.run_name, offset)
+    elif settings.resume:
+        log.info("No checkpoint in %s; starting from round 1.", run_dir.path)
+
+    def on_round_end(current: int, arrays: ArrayRecord, metrics: dict) -> None:
+        if metrics:
+            run_dir.record_round(current, "train", metrics)
+        run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(inner),
+                                {"strategy": settings.strategy})  # fmt: skip
+
+    def on_evaluate(current: int, metrics: dict) -> None:
+        run_dir.record_round(current, "evaluate", metrics)
+        log.info("Round %d: %s", current, "  ".join(
+            f"{k} {metrics[k]:.4f}" for k in (f"ndcg@{settings.k}", f"recall@{settings.k}") if k in metrics
+        ))  # fmt: skip
+
+    strategy = ItemTowerStrategy(
+        inner,
+        expected_arrays=expected,
+        num_rounds=settings.num_server_rounds,
+        eval_every=settings.eval_every,
+        round_offset=offset,
+        seed=settings.seed,
+        on_round_end=on_round_end,
+        on_evaluate=on_evaluate,
+    )
+    remaining = settings.num_server_rounds - offset
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord({"run-name": settings.run_name}),
+            evaluate_config=ConfigRecord({"run-name": settings.run_name}),
+        )
+    history = run_dir.history()
+    plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"))
+    keys = [key.format(k=settings.k) for key in SUMMARY_KEYS]
+    table = summary_table(history, keys=keys)
+    run_dir.write_summary(table)
+    log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
+    return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected}

@@ -1,0 +1,220 @@
+"""The run report: plots of metrics per round, and fixed-width summary tables.
+
+`history` everywhere is a list of rows {round, phase, **metrics}, as
+RunDirectory.history() returns. Plots are drawn on matplotlib's Agg canvas
+(no display, no pyplot global state) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedtower.data.schema import atomic_write_bytes
+
+_RESERVED_COLUMNS = ("round", "phase")
+_ABSENT = "-"
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Metrics drawn on one figure, written to <name>.png."""
+
+    name: str
+    title: str
+    y_label: str
+    pattern: re.Pattern[str]
+
+    def matches(self, metric: str) -> bool:
+        return self.pattern.search(metric) is not None
+
+
+# Grouped by scale, so that no metric flattens another on a shared y axis.
+METRIC_GROUPS: tuple[MetricGroup, ...] = (
+    MetricGroup(
+        "ranking",
+        "Ranking quality",
+        "score (higher is better)",
+        re.compile(r"^(ndcg|recall|precision|hr|map)@\d+$|^(mrr|auc)$"),
+    ),
+    MetricGroup(
+        "catalogue",
+        "Catalogue coverage and diversity",
+        "fraction / mean distance",
+        re.compile(r"^(coverage|diversity)@\d+$"),
+    ),
+    MetricGroup("novelty", "Novelty", "mean self-information (bits)", re.compile(r"^novelty@\d+$")),
+    MetricGroup("loss", "Loss", "loss", re.compile(r"loss")),
+    MetricGroup("epsilon", "Privacy spent", "ε (cumulative)", re.compile(r"^epsilon")),
+)
+
+# Which direction is "best" for the summary; metrics matching neither (ε, counts) get no best round.
+_HIGHER_IS_BETTER = re.compile(
+    r"^(ndcg|recall|precision|hr|map|coverage|diversity|novelty)@\d+$|^(mrr|auc|accuracy)$"
+)
+_LOWER_IS_BETTER = re.compile(r"loss")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_metrics(
+    history: Sequence[dict[str, Any]], out_dir: str | Path, *, phases: Iterable[str] = ("evaluate",)
+) -> list[Path]:
+    """One PNG per metric group (METRIC_GROUPS) that has data in the given phases.
+
+    Metrics that are absent or NaN in every round are skipped, and so is a group
+    left with nothing to draw. Returns the paths written, in METRIC_GROUPS order.
+    """
+    phases = (phases,) if isinstance(phases, str) else tuple(phases)
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for group in METRIC_GROUPS:
+        lines = []
+        for phase in phases:
+            rows = _rows_of_phase(history, phase)
+            for name in _metric_names(rows):
+                if not group.matches(name):
+                    continue
+                rounds, values = _series(rows, name)
+                if np.isfinite(values).any():
+                    label = name if len(phases) == 1 else f"{name} ({phase})"
+                    lines.append((label, rounds, values))
+        if lines:
+            title = f"{group.title} per round" + (f" ({phases[0]})" if len(phases) == 1 else "")
+            path = out_dir / f"{group.name}.png"
+            atomic_write_bytes(path, _render_png(title, group.y_label, lines))
+            written.append(path)
+    return written
+
+
+def _render_png(title: str, y_label: str, lines: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, rounds, values in lines:
+        axes.plot(rounds, values, marker="o", markersize=3, label=label)  # NaN leaves a gap
+    axes.set_title(title)
+    axes.set_xlabel("server round")
+    axes.set_ylabel(y_label)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- tables
+
+
+def summary_table(
+    history: Sequence[dict[str, Any]], *, keys: Sequence[str] | None = None, phase: str = "evaluate"
+) -> str:
+    """The last round of `phase` and, per metric, its best value and the round it was reached.
+
+    Keys default to every metric of that phase, sorted. Higher is best for
+    ranking and beyond-accuracy metrics, lower for losses; other metrics (ε,
+    counts) show no best. NaN rounds are ignored; ties go to the earliest round.
+    """
+    rows = _rows_of_phase(history, phase)
+    if not rows:
+        return f"No {phase} rounds were recorded, so there is nothing to summarise."
+    names = list(keys) if keys is not None else _metric_names(rows)
+    last = rows[-1]
+    table_rows = []
+    for name in names:
+        best_value, best_round = _best_round(rows, name)
+        best_round_text = _ABSENT if best_round is None else str(best_round)
+        table_rows.append([name, _format_value(last.get(name)), _format_value(best_value), best_round_text])
+    title = f"{phase.capitalize()} metrics at the last round ({last['round']}) and the best round of each"
+    return _render_table(["metric", f"round {last['round']}", "best", "best round"], table_rows, title)
+
+
+def rounds_table(history: Sequence[dict[str, Any]], keys: Sequence[str], *, phase: str = "evaluate") -> str:
+    """One line per round of `phase`, one column per key. NaN prints n/a, absent -."""
+    rows = _rows_of_phase(history, phase)
+    if not rows:
+        return f"No {phase} rounds were recorded, so there is nothing to list."
+    body = [[str(row["round"]), *(_format_value(row.get(name)) for name in keys)] for row in rows]
+    return _render_table(["round", *keys], body, f"{phase.capitalize()} metrics per round")
+
+
+def _render_table(headers: list[str], rows: list[list[str]], title: str) -> str:
+    """First column left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([title, line(headers), rule, *(line(row) for row in rows)])
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return _ABSENT
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4f}" if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+# ---------------------------------------------------------------- history access
+
+
+def _rows_of_phase(history: Sequence[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """Rows of one phase in round order; a later row for the same round replaces an earlier one."""
+    by_round = {row["round"]: row for row in history if row.get("phase") == phase}
+    return [by_round[server_round] for server_round in sorted(by_round)]
+
+
+def _metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
+    return sorted({name for row in rows for name in row} - set(_RESERVED_COLUMNS))
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return math.nan
+    return float(value)
+
+
+def _series(rows: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+    present = [row for row in rows if name in row]
+    rounds = np.array([row["round"] for row in present], dtype=np.int64)
+    values = np.array([_as_float(row[name]) for row in present], dtype=np.float64)
+    return rounds, values
+
+
+def _best_round(rows: list[dict[str, Any]], name: str) -> tuple[float | None, int | None]:
+    """(best value, its earliest round); (None, None) for a metric without a direction,
+    (NaN, None) for one that never had a finite value."""
+    if _HIGHER_IS_BETTER.search(name):
+        sign = 1.0
+    elif _LOWER_IS_BETTER.search(name):
+        sign = -1.0
+    else:
+        return None, None
+    rounds, values = _series(rows, name)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return math.nan, None
+    best_index = int(np.argmax(np.where(finite, sign * values, -np.inf)))  # argmax takes the first tie
+    return float(values[best_index]), int(rounds[best_index])

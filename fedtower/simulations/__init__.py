@@ -1,0 +1,1 @@
+"""Simulation helpers: splitting users into federated clients, and run-config presets."""

@@ -1,0 +1,94 @@
+"""Run a fedtower simulation on Flower's simulation engine (Ray) from Python.
+
+`flwr run .` is the Flower-native way; this is what `fedtower simulate` and the
+benchmarks use, because it needs no SuperLink and takes the run config
+directly. It runs the same ServerApp/ClientApp code: the apps here only bind
+the run config that `flwr run` would have put in `context.run_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedtower.client.handlers import evaluate_on_node, train_on_node
+from fedtower.client.local import cached_dataset, partition_config
+from fedtower.config import RunSettings
+from fedtower.server.federation import run_federation
+from fedtower.simulations.partition import partition_users
+
+log = logging.getLogger("fedtower")
+
+
+def make_client_app(run_config: dict) -> ClientApp:
+    """The ClientApp with `run_config` bound (simulation only)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return train_on_node(message, context, run_config)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return evaluate_on_node(message, context, run_config)
+
+    return app
+
+
+def make_server_app(settings: RunSettings, results: list) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        results.append(run_federation(grid, settings))
+
+    return app
+
+
+def num_partitions(settings: RunSettings) -> int:
+    """Sites: num-sites. One user per client: the number of users in the data."""
+    if settings.partitioning == "sites":
+        return settings.num_sites
+    return int(cached_dataset(settings.data).events["user"].nunique())
+
+
+def simulate(settings: RunSettings, *, verbose: bool = False) -> dict:
+    """Run the whole federation in this process; returns the server's result."""
+    partitions = num_partitions(settings)
+    supernodes = settings.num_supernodes or partitions
+    if supernodes != partitions:
+        raise ValueError(
+            f"num-supernodes ({supernodes}) must equal the number of partitions ({partitions}); "
+            "leave it at 0 to use one node per partition."
+        )
+    if settings.partitioning == "sites":
+        # Fail early, in this process, if the partitioning cannot be made.
+        sizes = [len(users) for users in partition_users(
+            cached_dataset(settings.data), partition_config(settings, partitions)).values()]  # fmt: skip
+        log.info("Partitioned users into %d sites (sizes %d..%d).", partitions, min(sizes), max(sizes))
+    run_config = settings.to_run_config()
+    results: list = []
+    backend_config = {
+        "client_resources": {"num_cpus": settings.client_num_cpus, "num_gpus": settings.client_num_gpus},
+        "init_args": {"logging_level": logging.WARNING, "log_to_driver": verbose},
+    }
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(settings, results),
+            client_app=make_client_app(run_config),
+            num_supernodes=supernodes,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    if not results:
+        raise RuntimeError("The simulation ended without a result; see the log above for the error.")
+    return results[0]

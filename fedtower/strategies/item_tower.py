@@ -1,0 +1,236 @@
+"""Item-tower federation: wraps any Flower strategy, never rewrites its round loop.
+
+The wrapper adds what a two-tower run needs around the inner strategy:
+- replies whose arrays are not exactly the item tower (keys, shapes, dtypes)
+  or hold NaN/Inf are rejected with a logged reason; the round goes on;
+- federated evaluation every `eval_every` rounds, merged exactly from the
+  clients' partial sums (a mean over users, never a mean of client means);
+- round numbers continue across a resume (`round_offset`);
+- an atomic checkpoint of the item tower and the inner strategy's state
+  after every round, through a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from fedtower.metrics import RankingSums
+
+log = logging.getLogger("fedtower.server")
+
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype)
+RoundCallback = Callable[[int, ArrayRecord, dict], None]
+
+
+def build_inner_strategy(name: str, **settings) -> FedAvg:
+    """One of Flower's strategies by run-config name, with fedtower's sampling settings."""
+    common = {
+        "fraction_train": settings.get("fraction_train", 1.0),
+        "fraction_evaluate": settings.get("fraction_evaluate", 1.0),
+        "min_train_nodes": settings.get("min_train_nodes", 1),
+        "min_evaluate_nodes": settings.get("min_evaluate_nodes", 1),
+        "min_available_nodes": settings.get("min_available_nodes", 1),
+    }
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedadam":
+        return FedAdam(**common, eta=settings.get("server_lr", 0.05))
+    if name == "fedyogi":
+        return FedYogi(**common, eta=settings.get("server_lr", 0.05))
+    if name == "fedavgm":
+        return FedAvgM(**common, server_momentum=settings.get("server_momentum", 0.9))
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=settings.get("trim_beta", 0.2))
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=settings.get("krum_byzantine", 1))
+    raise ValueError(
+        f"Unknown strategy {name!r}; choose one of fedavg, fedadam, fedyogi, fedavgm, "
+        "fedtrimmedavg, fedmedian, krum."
+    )
+
+
+def array_spec(arrays: ArrayRecord) -> ArraySpec:
+    return {key: (tuple(a.shape), str(a.dtype)) for key, a in arrays.items()}
+
+
+def reply_problem(message: Message, expected: ArraySpec) -> str | None:
+    """Why a training reply cannot be aggregated, or None if it is well formed."""
+    content = message.content
+    arrays = [record for record in content.values() if isinstance(record, ArrayRecord)]
+    if len(arrays) != 1:
+        return f"it holds {len(arrays)} ArrayRecords instead of exactly one"
+    got = arrays[0]
+    if set(got.keys()) != set(expected):
+        extra, missing = sorted(set(got.keys()) - set(expected)), sorted(set(expected) - set(got.keys()))
+        return f"its arrays are not the item tower (unexpected {extra}, missing {missing})"
+    for key, array in got.items():
+        shape, dtype = expected[key]
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            return f"'{key}' has shape {tuple(array.shape)} {array.dtype}, expected {shape} {dtype}"
+        if not np.isfinite(array.numpy()).all():
+            return f"'{key}' holds NaN or Inf"
+    metrics = [record for record in content.values() if isinstance(record, MetricRecord)]
+    if len(metrics) != 1:
+        return f"it holds {len(metrics)} MetricRecords instead of exactly one"
+    weight = metrics[0].get("num-examples")
+    if not isinstance(weight, (int, float)) or not weight > 0 or not np.isfinite(weight):
+        return f"its 'num-examples' is {weight!r}, not a positive number"
+    return None
+
+
+def strategy_state(inner: Strategy) -> dict[str, np.ndarray]:
+    """Server-optimizer state (FedAdam/FedYogi moments, FedAvgM momentum) as named arrays."""
+    state: dict[str, np.ndarray] = {}
+    for attr in ("m_t", "v_t"):
+        for key, value in (getattr(inner, attr, None) or {}).items():
+            state[f"{attr}/{key}"] = np.asarray(value)
+    for i, value in enumerate(getattr(inner, "momentum_vector", None) or []):
+        state[f"momentum_vector/{i}"] = np.asarray(value)
+    return state
+
+
+def restore_strategy_state(inner: Strategy, state: dict[str, np.ndarray]) -> None:
+    for attr in ("m_t", "v_t"):
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
+        if values:
+            setattr(inner, attr, values)
+    momentum = sorted(
+        ((int(k.split("/", 1)[1]), v) for k, v in state.items() if k.startswith("momentum_vector/")),
+    )
+    if momentum:
+        inner.momentum_vector = [v for _, v in momentum]
+
+
+class ItemTowerStrategy(Strategy):
+    """Wraps a Flower strategy for two-tower item-tower federation."""
+
+    def __init__(
+        self,
+        inner: FedAvg,
+        *,
+        expected_arrays: ArraySpec,
+        num_rounds: int,
+        eval_every: int = 1,
+        round_offset: int = 0,
+        seed: int = 0,
+        on_round_end: RoundCallback | None = None,
+        on_evaluate: Callable[[int, dict], None] | None = None,
+    ) -> None:
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {eval_every}.")
+        if round_offset < 0 or round_offset > num_rounds:
+            raise ValueError(f"round_offset must be in [0, {num_rounds}], got {round_offset}.")
+        if not expected_arrays:
+            raise ValueError("expected_arrays must name the item tower's arrays.")
+        self.inner = inner
+        self.expected_arrays = expected_arrays
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.round_offset = round_offset
+        self.seed = seed
+        self.on_round_end = on_round_end
+        self.on_evaluate = on_evaluate
+        self.current_arrays: ArrayRecord | None = None
+        self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+
+    def global_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def summary(self) -> None:
+        log.info("ItemTowerStrategy around %s:", type(self.inner).__name__)
+        log.info("  rounds %d (starting after round %d), federated evaluation every %d round(s)",
+                 self.num_rounds, self.round_offset, self.eval_every)  # fmt: skip
+        log.info("  item-tower arrays: %d tensors, %d values", len(self.expected_arrays),
+                 sum(int(np.prod(shape)) for shape, _ in self.expected_arrays.values()))  # fmt: skip
+        self.inner.summary()
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        current = self.global_round(server_round)
+        self.current_arrays = arrays
+        # Flower samples nodes with the global `random`; seeding per round keeps
+        # a run (and its resume) reproducible.
+        random.seed(self.seed * 1_000_003 + current)
+        return self.inner.configure_train(current, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        current = self.global_round(server_round)
+        accepted = []
+        for message in replies:
+            if message.has_error():
+                log.warning("Round %d: node %d failed: %s", current, message.metadata.src_node_id,
+                            message.error.reason)  # fmt: skip
+                accepted.append(message)  # the inner strategy logs and skips it too
+                continue
+            problem = reply_problem(message, self.expected_arrays)
+            if problem is None:
+                accepted.append(message)
+            else:
+                node = message.metadata.src_node_id
+                self.rejected.append((current, node, problem))
+                log.warning("Round %d: rejected the reply of node %d: %s", current, node, problem)
+        arrays, metrics = None, None
+        if any(not m.has_error() for m in accepted):
+            arrays, metrics = self.inner.aggregate_train(current, accepted)
+        else:
+            log.warning("Round %d: no usable training reply; the item tower is unchanged.", current)
+        if arrays is not None:
+            self.current_arrays = arrays
+        if self.on_round_end is not None and self.current_arrays is not None:
+            self.on_round_end(current, self.current_arrays, dict(metrics or {}))
+        return arrays, metrics
+
+    # --------------------------------------------------------------- evaluate
+    def wants_evaluation(self, current: int) -> bool:
+        return current % self.eval_every == 0 or current == self.num_rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        current = self.global_round(server_round)
+        if not self.wants_evaluation(current):
+            return []
+        return self.inner.configure_evaluate(current, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Merge the clients' RankingSums exactly, then finalise once."""
+        current = self.global_round(server_round)
+        merged = RankingSums()
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                log.warning("Round %d: evaluation failed on node %d: %s", current, node,
+                            message.error.reason)  # fmt: skip
+                continue
+            try:
+                merged = merged + RankingSums.from_dict(dict(message.content["metrics"]))
+            except (KeyError, ValueError, TypeError) as err:
+                log.warning("Round %d: rejected the evaluation of node %d: %s", current, node, err)
+        if merged.users == 0:
+            return None
+        metrics = {k: v for k, v in merged.finalize().items() if np.isfinite(v)}
+        if self.on_evaluate is not None:
+            self.on_evaluate(current, metrics)
+        return MetricRecord(metrics)
