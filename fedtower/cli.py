@@ -137,7 +137,9 @@ def simulate(
         str, typer.Option("--run-config", help="Overrides: \"num-server-rounds=5 strategy='fedadam'\".")
     ] = "",
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<time>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved config.")
+    ] = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List presets and exit.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's debug logs.")] = False,
 ) -> None:
@@ -157,7 +159,14 @@ def simulate(
             typer.echo(name)
         return
     try:
-        values = {**preset_files.load_preset(preset), **preset_files.parse_overrides(run_config)}
+        saved = out / "config.json" if (resume and out is not None) else None
+        if saved is not None and saved.exists():
+            # Resume the run as it was configured; --run-config may still extend it.
+            base = json.loads(saved.read_text())
+            base = {k: v for k, v in base.items() if k not in ("output-dir", "run-name")}
+        else:
+            base = preset_files.load_preset(preset)
+        values = {**base, **preset_files.parse_overrides(run_config)}
         if out is None and not resume:
             out = Path("runs") / f"{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out is not None:

@@ -23,12 +23,15 @@ from fedtower.client.local import (
     state_dir_of,
     user_embeddings_payload,
 )
-from fedtower.client.state import ClientStateStore
+from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, train
 from fedtower.models.two_tower import TwoTower
+from fedtower.strategies.item_tower import arrays_digest
 
 log = logging.getLogger("fedtower.client")
+
+RECEIVED_KEPT = 10  # rounds of received-tower digests kept in meta
 
 
 def settings_of(message: Message, context: Context, run_config: Mapping | None = None) -> RunSettings:
@@ -45,6 +48,12 @@ def settings_of(message: Message, context: Context, run_config: Mapping | None =
 
 def open_state(settings: RunSettings, context: Context) -> ClientStateStore:
     state_dir, may_create = state_dir_of(settings, context.node_config)
+    if not may_create and not state_dir.is_dir():
+        # Never created here: a lost state dir must not silently restart a client from zero.
+        raise StateError(
+            f"The node's state-dir {state_dir} does not exist. Create it once when setting up the "
+            "site (mkdir -m 700); if it existed before, restore it from backup instead."
+        )
     return ClientStateStore(state_dir, create=may_create)
 
 
@@ -105,13 +114,16 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     model.cpu()
     meta = state.load("meta", default={}) or {}
     rounds_trained = int(meta.get("rounds_trained", 0)) + 1
+    # Which global tower each recent round started from (public; lets a resume be checked).
+    received = dict(list(dict(meta.get("received", {})).items())[-(RECEIVED_KEPT - 1):])
+    received[str(server_round)] = arrays_digest(message.content["arrays"])
     state.save(
         {
             "users": user_embeddings_payload(model, data.users),
             "optimizer": _cpu_state(optimizer.state_dict()),
             "item_tower": global_snapshot,  # the latest global tower, for serving
             "meta": {**meta, "rounds_trained": rounds_trained, "last_round": server_round,
-                     "data_source": data.source},  # fmt: skip
+                     "data_source": data.source, "received": received},  # fmt: skip
         }
     )
     metrics = MetricRecord(

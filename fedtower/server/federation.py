@@ -23,6 +23,7 @@ from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.item_tower import (
     ItemTowerStrategy,
     array_spec,
+    arrays_digest,
     build_inner_strategy,
     restore_strategy_state,
     strategy_state,
@@ -72,7 +73,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                 "tower (different catalogue or dim); start a new run name instead of resuming."
             )
         restore_strategy_state(inner, checkpoint.strategy_state)
-        log.info("Resuming %s after round %d.", settings.run_name, offset)
+        log.info("Resuming %s after round %d (item tower %s).", settings.run_name, offset,
+                 arrays_digest(arrays))  # fmt: skip
     elif settings.resume:
         log.info("No checkpoint in %s; starting from round 1.", run_dir.path)
 
@@ -80,7 +82,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         if metrics:
             run_dir.record_round(current, "train", metrics)
         run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(inner),
-                                {"strategy": settings.strategy})  # fmt: skip
+                                {"strategy": settings.strategy, "digest": arrays_digest(arrays)})  # fmt: skip
 
     def on_evaluate(current: int, metrics: dict) -> None:
         run_dir.record_round(current, "evaluate", metrics)

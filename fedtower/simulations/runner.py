@@ -57,8 +57,11 @@ def num_partitions(settings: RunSettings) -> int:
     return int(cached_dataset(settings.data).events["user"].nunique())
 
 
-def simulate(settings: RunSettings, *, verbose: bool = False) -> dict:
-    """Run the whole federation in this process; returns the server's result."""
+def simulate(settings: RunSettings, *, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
+    """Run the whole federation in this process; returns the server's result.
+
+    `client_app` replaces fedtower's ClientApp (tests use it to inject faults).
+    """
     partitions = num_partitions(settings)
     supernodes = settings.num_supernodes or partitions
     if supernodes != partitions:
@@ -84,7 +87,7 @@ def simulate(settings: RunSettings, *, verbose: bool = False) -> dict:
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=make_server_app(settings, results),
-            client_app=make_client_app(run_config),
+            client_app=client_app or make_client_app(run_config),
             num_supernodes=supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,

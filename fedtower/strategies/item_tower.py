@@ -12,6 +12,7 @@ The wrapper adds what a two-tower run needs around the inner strategy:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -65,6 +66,16 @@ def build_inner_strategy(name: str, **settings) -> FedAvg:
         f"Unknown strategy {name!r}; choose one of fedavg, fedadam, fedyogi, fedavgm, "
         "fedtrimmedavg, fedmedian, krum."
     )
+
+
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """A short fingerprint of an item tower, so server and clients can show they hold the same one."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        array = np.ascontiguousarray(arrays[key].numpy())
+        digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def array_spec(arrays: ArrayRecord) -> ArraySpec:

@@ -1,0 +1,126 @@
+"""The client's train/evaluate handlers, called directly as a SuperNode would."""
+
+import pytest
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedtower.client.handlers import evaluate_on_node, train_on_node
+from fedtower.client.state import ClientStateStore, StateError
+from fedtower.config import RunSettings
+from fedtower.metrics import RankingSums
+from fedtower.server.federation import initial_item_tower
+from tests.flower_utils import node_context, server_message, task_identity
+
+DATA = "synthetic:users=90,items=120,seed=4"
+
+
+@pytest.fixture()
+def run_config(tmp_path):
+    return RunSettings(data=DATA, num_sites=3, dim=16, local_epochs=1, output_dir=str(tmp_path),
+                       run_name="t", history_len=50).to_run_config()  # fmt: skip
+
+
+@pytest.fixture()
+def global_tower(run_config):
+    return initial_item_tower(RunSettings.from_run_config(run_config))
+
+
+def test_train_reply_holds_exactly_the_item_tower_and_aggregate_metrics(run_config, global_tower):
+    # Prepare: partition 1 of 3 in simulation.
+    context = node_context({"partition-id": 1, "num-partitions": 3}, run_config)
+    with task_identity():
+        message = server_message(global_tower, node_id=11)
+        # Execute
+        reply = train_on_node(message, context)
+    # Assert: one ArrayRecord with exactly the item-tower keys and shapes, nothing user-level.
+    arrays = [r for r in reply.content.values() if isinstance(r, ArrayRecord)]
+    assert len(arrays) == 1
+    assert list(arrays[0].keys()) == list(global_tower.keys())
+    assert all(k.startswith("item_tower.") for k in arrays[0].keys())
+    for key, array in arrays[0].items():
+        assert array.shape == global_tower[key].shape
+    metrics = [r for r in reply.content.values() if isinstance(r, MetricRecord)]
+    assert len(metrics) == 1
+    assert set(metrics[0].keys()) == {"num-examples", "train-loss", "train-seconds"}
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    # The trained tower differs from the global one (it did train).
+    assert any((arrays[0][k].numpy() != global_tower[k].numpy()).any() for k in global_tower.keys())
+
+
+def test_private_state_persists_across_messages_and_processes(run_config, global_tower, tmp_path):
+    # Prepare
+    context = node_context({"partition-id": 0, "num-partitions": 3}, run_config)
+    state_dir = RunSettings.from_run_config(run_config).node_state_dir(0)
+    with task_identity():
+        # Execute: two training rounds, each as a fresh call (as a fresh process would be).
+        train_on_node(server_message(global_tower, node_id=3, server_round=1), context)
+        first = ClientStateStore(state_dir).load("users")
+        train_on_node(server_message(global_tower, node_id=3, server_round=2), context)
+    # Assert: the user embeddings were carried over and moved on; counters advanced.
+    store = ClientStateStore(state_dir)
+    second = store.load("users")
+    assert first["users"] == second["users"]
+    assert first["embeddings"].abs().sum() > 0
+    assert not (first["embeddings"] == second["embeddings"]).all()
+    assert store.meta()["rounds_trained"] == 2 and store.meta()["last_round"] == 2
+    assert set(store.load("item_tower")) == set(global_tower.keys())
+
+
+def test_evaluate_reply_is_mergeable_sums_only(run_config, global_tower):
+    # Prepare
+    context = node_context({"partition-id": 2, "num-partitions": 3}, run_config)
+    with task_identity():
+        # Execute
+        reply = evaluate_on_node(server_message(global_tower, node_id=5, message_type="evaluate"), context)
+    # Assert: no arrays, and metrics that merge as RankingSums.
+    assert set(reply.content.keys()) == {"metrics"}
+    sums = RankingSums.from_dict(dict(reply.content["metrics"]))
+    assert sums.users > 0
+    assert 0.0 <= sums.finalize()["ndcg@20"] <= 1.0
+
+
+def test_corrupt_state_is_a_clear_error_never_a_reset(run_config, global_tower):
+    # Prepare: train once, then flip a byte of the saved user embeddings.
+    context = node_context({"partition-id": 0, "num-partitions": 3}, run_config)
+    state_dir = RunSettings.from_run_config(run_config).node_state_dir(0)
+    with task_identity():
+        train_on_node(server_message(global_tower, node_id=3), context)
+        users_file = next(state_dir.glob("users.*.pt"))
+        raw = bytearray(users_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        users_file.write_bytes(bytes(raw))
+        # Execute / Assert
+        with pytest.raises(StateError, match="checksum"):
+            train_on_node(server_message(global_tower, node_id=3, server_round=2), context)
+    # The corrupt state was not replaced by a fresh one.
+    assert ClientStateStore(state_dir).meta()["rounds_trained"] == 1
+
+
+def test_deployment_state_dir_must_exist(run_config, global_tower, tmp_path):
+    # Prepare: a site whose configured state dir was never created.
+    events = tmp_path / "site"
+    from fedtower.data.sources import resolve_dataset
+    from fedtower.data.synthetic import to_folder
+
+    to_folder(resolve_dataset(DATA)[0], events)
+    context = node_context({"data-path": str(events / "events.csv"),
+                            "state-dir": str(tmp_path / "missing")}, run_config)  # fmt: skip
+    with task_identity():
+        # Execute / Assert
+        with pytest.raises(StateError, match="does not exist. Create it once"):
+            train_on_node(server_message(global_tower, node_id=9), context)
+
+
+def test_node_without_data_is_told_why(run_config, global_tower):
+    context = node_context({}, run_config)
+    with task_identity():
+        with pytest.raises(ValueError, match="no `state-dir`|neither `data-path`"):
+            train_on_node(server_message(global_tower, node_id=9), context)
+
+
+def test_wrong_item_tower_is_refused(run_config):
+    # Prepare: a server tower built for another dim.
+    other = initial_item_tower(RunSettings.from_run_config({**run_config, "dim": 8}))
+    context = node_context({"partition-id": 0, "num-partitions": 3}, run_config)
+    with task_identity():
+        with pytest.raises(ValueError, match="shape"):
+            train_on_node(server_message(other, node_id=3), context)

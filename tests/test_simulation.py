@@ -1,0 +1,143 @@
+"""Whole federations on Flower's simulation engine (Ray), started for real."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtower.central import popularity_baseline
+from fedtower.client.handlers import evaluate_on_node, train_on_node
+from fedtower.client.state import ClientStateStore
+from fedtower.config import RunSettings
+from fedtower.data.prepared import prepare_split
+from fedtower.data.sources import resolve_dataset
+from fedtower.server.run_dir import RunDirectory
+from fedtower.simulations.runner import simulate
+
+pytestmark = pytest.mark.simulation
+
+DATA = "synthetic:users=150,items=200,seed=2"
+FAST = {"data": DATA, "num-sites": 3, "dim": 16, "history-len": 50, "local-epochs": 2, "eval-every": 1}
+
+
+def settings_for(tmp_path, name, **overrides):
+    return RunSettings.from_run_config({**FAST, "output-dir": str(tmp_path), "run-name": name, **overrides})
+
+
+def test_sites_simulation_writes_a_complete_run_directory(tmp_path):
+    # Prepare
+    settings = settings_for(tmp_path, "sites", **{"num-server-rounds": 3})
+    # Execute
+    result = simulate(settings)
+    # Assert: every output a user looks at exists and is consistent.
+    run = RunDirectory(result["run_dir"], create=False)
+    evaluated = [row for row in run.history() if row["phase"] == "evaluate"]
+    assert [row["round"] for row in evaluated] == [1, 2, 3]
+    split = prepare_split(resolve_dataset(DATA)[0])
+    users_with_test = int((split.test.lengths() > 0).sum())
+    assert evaluated[-1]["users"] == users_with_test  # every user, each once, from its own site
+    popularity = popularity_baseline(split).finalize()
+    assert evaluated[-1]["ndcg@20"] > popularity["ndcg@20"]
+    assert run.load_latest_checkpoint().round == 3
+    assert (run.path / "summary.txt").read_text().count("ndcg@20") == 1
+    assert (run.plots_dir / "ranking.png").stat().st_size > 5000
+    assert "ndcg@20" in (run.path / "metrics.csv").read_text().splitlines()[0]
+    assert json.loads((run.path / "config.json").read_text())["num-sites"] == 3
+    assert result["rejected"] == []
+
+
+def faulty_client_app(run_config: dict) -> ClientApp:
+    """Partition 0 raises mid-round; partition 1 replies with NaN weights."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        if partition == 0:
+            raise RuntimeError("disk on fire")
+        reply = train_on_node(message, context, run_config)
+        if partition == 1:
+            arrays = reply.content["arrays"]
+            key = next(iter(arrays.keys()))
+            poisoned = arrays[key].numpy().copy()
+            poisoned[0, 0] = np.nan
+            from flwr.app import Array
+
+            arrays[key] = Array(poisoned)
+        return reply
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return evaluate_on_node(message, context, run_config)
+
+    return app
+
+
+def test_failing_and_malformed_clients_do_not_stop_the_round(tmp_path, caplog):
+    # Prepare
+    settings = settings_for(tmp_path, "faulty", **{"num-server-rounds": 2})
+    # Execute
+    result = simulate(settings, client_app=faulty_client_app(settings.to_run_config()))
+    # Assert: both rounds completed on the remaining site; the NaN reply was rejected with a reason.
+    run = RunDirectory(result["run_dir"], create=False)
+    assert [r["round"] for r in run.history() if r["phase"] == "train"] == [1, 2]
+    assert run.load_latest_checkpoint().round == 2
+    assert [(r, reason) for r, _, reason in result["rejected"]] == [
+        (1, "'item_tower.id_embedding.weight' holds NaN or Inf"),
+        (2, "'item_tower.id_embedding.weight' holds NaN or Inf"),
+    ]
+    checkpoint = run.load_latest_checkpoint()
+    assert all(np.isfinite(a).all() for a in checkpoint.arrays.values())
+
+
+def _run_cli(args, **kwargs):
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedtower.cli", "simulate", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)  # fmt: skip
+
+
+def test_server_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
+    # Prepare: a 5-round run in a separate process group, killed once round 2 is checkpointed.
+    out = tmp_path / "killed"
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**FAST, "num-server-rounds": 5}.items())
+    process = _run_cli(["--out", str(out), "--run-config", overrides])
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 150
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if latest.exists() and json.loads(latest.read_text()).get("round", 0) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be killed:\n" + process.stdout.read()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    killed_at = RunDirectory(out, create=False).load_latest_checkpoint()
+    assert 2 <= killed_at.round < 5
+
+    # Execute: resume with the saved config.
+    resumed = _run_cli(["--out", str(out), "--resume"])
+    try:
+        output, _ = resumed.communicate(timeout=180)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert resumed.returncode == 0, output
+
+    # Assert: rounds after the checkpoint ran, once, from exactly the checkpointed tower.
+    run = RunDirectory(out, create=False)
+    assert run.load_latest_checkpoint().round == 5
+    train_rounds = [r["round"] for r in run.history() if r["phase"] == "train"]
+    assert train_rounds == sorted(set(train_rounds)) and train_rounds[-1] == 5
+    assert f"after round {killed_at.round}" in output
+    digests = [ClientStateStore(d).meta()["received"] for d in sorted((out / "clients").iterdir())]
+    first_resumed = str(killed_at.round + 1)
+    assert {d[first_resumed] for d in digests} == {killed_at.extra["digest"]}
