@@ -69,13 +69,14 @@ class ProcessTracker:
     # pid -> start time, so a recycled pid is never signalled by mistake.
     seen: dict[int, int] = field(default_factory=dict)
 
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Start a process in its own session, output to <log_dir>/<name>.log."""
         if name in self.popens:
             raise ValueError(f"A process named {name!r} was already started.")
         with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, start_new_session=True)  # fmt: skip
+            popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dict(env or self.env),
+                                     start_new_session=True)  # fmt: skip
         self.popens[name] = popen
         self.refresh()
         return popen
@@ -124,20 +125,26 @@ class ProcessTracker:
             popen.poll()  # reap our own children so they do not linger as zombies
         return sorted(pid for pid in self.seen if self._alive(pid))
 
-    def _signal_all(self, sig: signal.Signals) -> None:
+    def _signal_all(self, sig: signal.Signals, skip: set[int] | frozenset[int] = frozenset()) -> set[int]:
+        signalled = set()
         for pid in self.alive():
+            if pid in skip:
+                continue
             try:
                 os.kill(pid, sig)
+                signalled.add(pid)
             except (ProcessLookupError, PermissionError):
                 pass
+        return signalled
 
     def stop(self, grace: float = 10.0) -> list[str]:
         """SIGTERM everything, SIGKILL what is left after `grace` seconds; returns survivors."""
         self.refresh()
-        self._signal_all(signal.SIGTERM)
+        terminated = self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            self.refresh()  # a process may still spawn children while it shuts down
+            self.refresh()  # a process may still spawn children while it shuts down: stop those too
+            terminated |= self._signal_all(signal.SIGTERM, skip=terminated)
             if not self.alive():
                 break
             time.sleep(0.2)
@@ -200,10 +207,12 @@ def toml_pairs(values: Mapping[str, object]) -> str:
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: isolated FLWR_HOME, no telemetry, no installs."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",  # loopback only: no version check against flower.ai
         # Read when the SuperLink starts: run the app in this venv, never `uv sync` a new one.
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PATH=f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec
@@ -307,6 +316,13 @@ class LocalDeployment:
     superlink_port: int
     connection: str = CONNECTION
 
+    def check_servers_alive(self) -> None:
+        """Fail at once, with the logs, when the SuperLink or a SuperNode has exited."""
+        for name, popen in self.tracker.popens.items():
+            if name.startswith(("superlink", "supernode")) and popen.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {popen.returncode} while the deployment "
+                                   f"was in use.\n{self.tracker.all_logs()}")  # fmt: skip
+
     def supernodes_online(self) -> int:
         nodes = _json_output(flwr_cli(self.env, "supernode", "ls", self.connection, "--format", "json"))
         return sum(node.get("status") == "online" for node in nodes.get("nodes", []))
@@ -315,9 +331,7 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         online = 0
         while time.monotonic() < deadline:
-            for name, popen in self.tracker.popens.items():
-                if name.startswith("supernode") and popen.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {popen.returncode}.\n{self.tracker.log_tail(name)}")
+            self.check_servers_alive()
             online = self.supernodes_online()
             if online >= count:
                 return
@@ -331,8 +345,11 @@ class LocalDeployment:
         popen = self.tracker.start("flwr-run", argv)
         deadline = time.monotonic() + timeout
         while popen.poll() is None:
+            self.check_servers_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"`flwr run` did not finish within {timeout:.0f} s.\n{self.tracker.all_logs()}")
+                raise TimeoutError(
+                    f"`flwr run` did not finish within {timeout:.0f} s.\n{self.tracker.all_logs()}"
+                )
             self.tracker.refresh()  # track the ServerApp / ClientApp processes Flower starts
             time.sleep(0.5)
         log = (self.tracker.log_dir / "flwr-run.log").read_text(errors="replace")
@@ -342,7 +359,9 @@ class LocalDeployment:
         return int(match.group(1)), log
 
     def run_status(self, run_id: int) -> str:
-        runs = _json_output(flwr_cli(self.env, "ls", self.connection, "--run-id", str(run_id), "--format", "json"))
+        runs = _json_output(
+            flwr_cli(self.env, "ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        )
         (run,) = runs["runs"]
         return str(run["status"])
 
@@ -356,7 +375,9 @@ def local_deployment(
     Whatever happens, every process started here (and everything they
     started) is stopped on exit; a survivor fails the test.
     """
-    flwr_home = root / "flwr-home"
+    # One FLWR_HOME per party, as on separate machines: each installs the app bundle itself.
+    # The SuperLink's is also the CLI's (config.toml with the connection).
+    flwr_home = root / "flwr-home" / "superlink"
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     superlink_port, *node_ports = free_ports(1 + len(sites))
@@ -381,11 +402,12 @@ def local_deployment(
             raise RuntimeError(f"{err}\n{tracker.log_tail('superlink')}") from None
         for index, (site, port) in enumerate(zip(sites, node_ports, strict=True)):
             node_config = toml_pairs({"data-path": str(site.data_path), "state-dir": str(site.state_dir)})
+            node_env = flower_env(root / "flwr-home" / f"supernode-{index}")
             tracker.start(f"supernode-{index}", [
                 flower_bin("flower-supernode"), "--insecure", "--superlink", address,
                 "--host", HOST, "--port", str(port),  # this node's own ClientApp Runtime API
                 "--node-config", node_config,
-            ])  # fmt: skip
+            ], env=node_env)  # fmt: skip
         deployment = LocalDeployment(tracker, env, superlink_port)
         deployment.wait_for_supernodes(len(sites), startup_timeout)
         yield deployment

@@ -49,11 +49,14 @@ def test_two_site_deployment_trains_evaluates_and_keeps_node_state(tmp_path):
 
     # Execute: SuperLink + 2 SuperNodes, then `flwr run <repo> <connection> --stream`.
     with local_deployment(tmp_path / "flower", sites) as deployment:
+        ready = time.monotonic()
         run_id, log = deployment.run_app(REPO_ROOT, run_config, timeout=RUN_TIMEOUT_S)
         status = deployment.run_status(run_id)
         assert status == "finished:completed", f"run {run_id} ended {status}\n{deployment.tracker.all_logs()}"
-    elapsed = time.monotonic() - started
-    print(f"deployment test: {elapsed:.1f} s from SuperLink start to teardown")
+        finished = time.monotonic()
+    stopped = time.monotonic()
+    print(f"\ndeployment: start {ready - started:.1f} s, run {finished - ready:.1f} s, "
+          f"stop {stopped - finished:.1f} s")  # fmt: skip
 
     # Assert: the server's run directory.
     run = RunDirectory(output_dir / "deploy", create=False)

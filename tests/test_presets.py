@@ -61,7 +61,7 @@ def test_cross_device_and_movielens_presets_hold_the_agreed_values():
     assert (cross_device["num-server-rounds"], cross_device["eval-every"]) == (20, 5)
     assert movielens["data"] == "../shared/data/ml-latest-small"
     assert (movielens["size-skew"], movielens["taste-skew"]) == (0.0, 0.0)
-    assert (movielens["num-server-rounds"], movielens["local-epochs"]) == (30, 4)
+    assert (movielens["num-server-rounds"], movielens["local-epochs"], movielens["lr"]) == (40, 4, 0.006)
 
 
 def test_a_preset_loads_from_a_path(tmp_path):

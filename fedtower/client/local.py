@@ -59,26 +59,35 @@ class NodeData:
 
 def load_node_data(settings: RunSettings, node_config: dict) -> NodeData:
     """Simulation: a partition of the run's dataset. Deployment: node config `data-path`."""
-    dataset = cached_dataset(settings.data)
     if "data-path" in node_config:
+        dataset = cached_dataset(settings.data)
         path = Path(str(node_config["data-path"])).expanduser()
         events, report = load_event_log(path, catalogue=dataset.catalogue, on_error="skip")
         if report.rows_skipped:
             # Unknown items and bad rows are reported, never silently dropped.
             log.warning("Local data validation: %s", report.summary(max_issues=10))
+        if events.empty:
+            raise ValueError(f"The node's data ({path}) holds no valid events.")
         local = Dataset(dataset.catalogue, events, name=str(path))
-        source = str(path)
-    elif "partition-id" in node_config:
+        return NodeData(dataset.catalogue, prepare_split(local), str(path))
+    if "partition-id" in node_config:
         partition_id = int(node_config["partition-id"])
         default = settings.num_sites if settings.partitioning == "sites" else 0  # 0: one per user
         num_partitions = int(node_config.get("num-partitions", default))
-        local = partition_events(dataset, partition_config(settings, num_partitions), partition_id)
-        source = f"{settings.data} partition {partition_id}/{num_partitions}"
-    else:
-        raise ValueError(
-            "This node has neither `data-path` (deployment) nor `partition-id` (simulation) in its "
-            "node config, so it has no data to train on."
-        )
+        config = partition_config(settings, num_partitions)
+        return _cached_partition(settings.data, config, partition_id)
+    raise ValueError(
+        "This node has neither `data-path` (deployment) nor `partition-id` (simulation) in its "
+        "node config, so it has no data to train on."
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_partition(spec: str, config: PartitionConfig, partition_id: int) -> NodeData:
+    """A simulated node's split; a Ray worker serves many messages, so compute it once."""
+    dataset = cached_dataset(spec)
+    source = f"{spec} partition {partition_id}/{config.num_partitions}"
+    local = partition_events(dataset, config, partition_id)
     if local.events.empty:
         raise ValueError(f"The node's data ({source}) holds no valid events.")
     return NodeData(dataset.catalogue, prepare_split(local), source)

@@ -79,8 +79,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         log.info("No checkpoint in %s; starting from round 1.", run_dir.path)
 
     def on_round_end(current: int, arrays: ArrayRecord, metrics: dict) -> None:
-        if metrics:
-            run_dir.record_round(current, "train", metrics)
+        run_dir.record_round(current, "train", metrics)
         run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(inner),
                                 {"strategy": settings.strategy, "digest": arrays_digest(arrays)})  # fmt: skip
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -160,6 +161,7 @@ class ItemTowerStrategy(Strategy):
         self.on_round_end = on_round_end
         self.on_evaluate = on_evaluate
         self.current_arrays: ArrayRecord | None = None
+        self.round_started = time.perf_counter()
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
 
     def global_round(self, server_round: int) -> int:
@@ -179,6 +181,7 @@ class ItemTowerStrategy(Strategy):
     ) -> Iterable[Message]:
         current = self.global_round(server_round)
         self.current_arrays = arrays
+        self.round_started = time.perf_counter()
         # Flower samples nodes with the global `random`; seeding per round keeps
         # a run (and its resume) reproducible.
         random.seed(self.seed * 1_000_003 + current)
@@ -210,7 +213,8 @@ class ItemTowerStrategy(Strategy):
         if arrays is not None:
             self.current_arrays = arrays
         if self.on_round_end is not None and self.current_arrays is not None:
-            self.on_round_end(current, self.current_arrays, dict(metrics or {}))
+            seconds = time.perf_counter() - self.round_started
+            self.on_round_end(current, self.current_arrays, {**dict(metrics or {}), "round-seconds": seconds})
         return arrays, metrics
 
     # --------------------------------------------------------------- evaluate

@@ -1,0 +1,85 @@
+"""The same federated training as the Flower apps, as a plain Python loop.
+
+No Flower, no Ray, no state files: each round every sampled site loads the
+global item tower, trains its local epochs with the same TrainConfig as the
+ClientApp, and the towers are averaged by example count (FedAvg). Used as the
+reference for the simulation-overhead benchmark and for quick tuning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedtower.client.handlers import local_train_config
+from fedtower.client.local import build_model, cached_dataset, partition_config
+from fedtower.config import RunSettings
+from fedtower.data.prepared import prepare_split
+from fedtower.metrics import RankingSums
+from fedtower.models.training import evaluate, make_optimizer, train
+from fedtower.simulations.partition import partition_events
+
+
+def plain_federation(
+    settings: RunSettings,
+    *,
+    num_partitions: int,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """FedAvg over `num_partitions` sites for settings.num_server_rounds rounds, in process."""
+    dataset = cached_dataset(settings.data)
+    catalogue = dataset.catalogue
+    config = partition_config(settings, num_partitions)
+    splits = [prepare_split(partition_events(dataset, config, p)) for p in range(num_partitions)]
+    torch.manual_seed(settings.seed)
+    global_state = build_model(settings, catalogue, 0).item_tower_state()
+    users = {p: None for p in range(num_partitions)}
+    optimizers: dict[int, dict] = {}
+    rng = np.random.default_rng(settings.seed)
+    logs = []
+    for server_round in range(1, settings.num_server_rounds + 1):
+        started = time.perf_counter()
+        count = max(settings.min_train_nodes, int(num_partitions * settings.fraction_train))
+        sampled = sorted(rng.choice(num_partitions, size=min(count, num_partitions), replace=False))
+        states, weights = [], []
+        for p in sampled:
+            split = splits[p]
+            model = build_model(settings, catalogue, len(split.users))
+            model.load_state_dict(global_state, strict=False)
+            if users[p] is not None:
+                model.user_tower.embedding.weight.data.copy_(users[p])
+            train_config = local_train_config(settings, server_round)
+            optimizer = make_optimizer(model, train_config)
+            if p in optimizers:
+                optimizer.load_state_dict(optimizers[p])
+            train(model, split.train, train_config, optimizer=optimizer)
+            optimizers[p] = optimizer.state_dict()
+            users[p] = model.user_tower.embedding.weight.detach().clone()
+            states.append(model.item_tower_state())
+            weights.append(len(split.users))
+        total = float(sum(weights))
+        global_state = {
+            key: sum(state[key] * (w / total) for state, w in zip(states, weights, strict=True))
+            for key in global_state
+        }
+        log = {"round": server_round, "seconds": time.perf_counter() - started}
+        if server_round % settings.eval_every == 0 or server_round == settings.num_server_rounds:
+            log.update(_evaluate_all(settings, catalogue, splits, global_state, users))
+        logs.append(log)
+        if progress is not None:
+            progress(log)
+    return {"rounds": logs, "final": logs[-1]}
+
+
+def _evaluate_all(settings, catalogue, splits, global_state, users) -> dict:
+    sums = RankingSums()
+    for p, split in enumerate(splits):
+        model = build_model(settings, catalogue, len(split.users))
+        model.load_state_dict(global_state, strict=False)
+        if users[p] is not None:
+            model.user_tower.embedding.weight.data.copy_(users[p])
+        sums = sums + evaluate(model, split.train, split.test, k=settings.k, history_len=settings.history_len)
+    return sums.finalize()
