@@ -56,6 +56,7 @@ class RunSettings:
     loss: str = "softmax"
     num_negatives: int = 256
     user_l2: float = 1.0
+    keep_item_moments: bool = True  # keep local Adam moments of the item tower between rounds (disk!)
     device: str = "auto"
     seed: int = 0
     k: int = 20

@@ -22,8 +22,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from fedtower.data.loaders import load_event_log
 from fedtower.data.prepared import prepare_split
 from fedtower.data.schema import EVENT_COLUMNS, Dataset
@@ -239,15 +237,19 @@ def flower_bin(name: str) -> str:
     return found
 
 
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
 def wait_for_port(port: int, popen: subprocess.Popen, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
             raise RuntimeError(f"{what} exited with code {popen.returncode} before listening on {port}.")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
-                return
+        if port_open(port):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"{what} did not listen on {HOST}:{port} within {timeout:.0f} s.")
 
@@ -300,10 +302,6 @@ def prepare_sites(data_spec: str, num_sites: int, root: Path, *, seed: int = 0) 
     return sites
 
 
-def read_events_users(path: Path) -> set[str]:
-    return set(pd.read_csv(path / "events.csv", usecols=["user"], dtype=str)["user"])
-
-
 # ---------------------------------------------------------------- deployment
 
 
@@ -313,15 +311,18 @@ class LocalDeployment:
 
     tracker: ProcessTracker
     env: dict[str, str]
-    superlink_port: int
+    ports: dict[str, int]  # the SuperLink's and each SuperNode's HTTP port, by process name
     connection: str = CONNECTION
 
-    def check_servers_alive(self) -> None:
-        """Fail at once, with the logs, when the SuperLink or a SuperNode has exited."""
-        for name, popen in self.tracker.popens.items():
-            if name.startswith(("superlink", "supernode")) and popen.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {popen.returncode} while the deployment "
-                                   f"was in use.\n{self.tracker.all_logs()}")  # fmt: skip
+    def check_servers_alive(self, *, listening: bool = True) -> None:
+        """Fail at once, with the logs, when the SuperLink or a SuperNode has exited or stopped
+        listening (a signalled uvicorn server closes its port, then waits for open streams)."""
+        for name, port in self.ports.items():
+            popen = self.tracker.popens[name]
+            if popen.poll() is not None or (listening and not port_open(port)):
+                state = "is shutting down" if popen.returncode is None else f"exited ({popen.returncode})"
+                raise RuntimeError(f"{name} {state} while the deployment was in use.\n"
+                                   f"{self.tracker.all_logs()}")  # fmt: skip
 
     def supernodes_online(self) -> int:
         nodes = _json_output(flwr_cli(self.env, "supernode", "ls", self.connection, "--format", "json"))
@@ -331,7 +332,7 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         online = 0
         while time.monotonic() < deadline:
-            self.check_servers_alive()
+            self.check_servers_alive(listening=False)  # a SuperNode may still be starting
             online = self.supernodes_online()
             if online >= count:
                 return
@@ -351,7 +352,7 @@ class LocalDeployment:
                     f"`flwr run` did not finish within {timeout:.0f} s.\n{self.tracker.all_logs()}"
                 )
             self.tracker.refresh()  # track the ServerApp / ClientApp processes Flower starts
-            time.sleep(0.5)
+            time.sleep(1.0)
         log = (self.tracker.log_dir / "flwr-run.log").read_text(errors="replace")
         match = re.search(r"Successfully started run (\d+)", log)
         if popen.returncode != 0 or match is None:
@@ -408,6 +409,7 @@ def local_deployment(
                 "--host", HOST, "--port", str(port),  # this node's own ClientApp Runtime API
                 "--node-config", node_config,
             ], env=node_env)  # fmt: skip
-        deployment = LocalDeployment(tracker, env, superlink_port)
+        ports = {"superlink": superlink_port, **{f"supernode-{i}": p for i, p in enumerate(node_ports)}}
+        deployment = LocalDeployment(tracker, env, ports)
         deployment.wait_for_supernodes(len(sites), startup_timeout)
         yield deployment

@@ -25,7 +25,7 @@ from fedtower.client.local import (
 )
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
-from fedtower.models.training import TrainConfig, evaluate, make_optimizer, train
+from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
 from fedtower.strategies.item_tower import arrays_digest
 
@@ -120,7 +120,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     state.save(
         {
             "users": user_embeddings_payload(model, data.users),
-            "optimizer": _cpu_state(optimizer.state_dict()),
+            "optimizer": private_optimizer_state(optimizer, item_tower=settings.keep_item_moments),
             "item_tower": global_snapshot,  # the latest global tower, for serving
             "meta": {**meta, "rounds_trained": rounds_trained, "last_round": server_round,
                      "data_source": data.source, "received": received},  # fmt: skip
@@ -162,12 +162,3 @@ def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
         if index >= len(params) or avg is None or tuple(avg.shape) != tuple(params[index].shape):
             return False
     return True
-
-
-def _cpu_state(state: dict) -> dict:
-    """Optimizer state with tensors on the CPU, so it loads on any device."""
-    return {
-        "state": {k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
-                  for k, s in state["state"].items()},  # fmt: skip
-        "param_groups": state["param_groups"],
-    }

@@ -69,6 +69,23 @@ def make_optimizer(model: TwoTower, config: TrainConfig) -> torch.optim.Optimize
     return torch.optim.Adam(groups, lr=config.lr)
 
 
+def private_optimizer_state(optimizer: torch.optim.Optimizer, *, item_tower: bool = True) -> dict:
+    """The optimizer state a client keeps between rounds, on the CPU.
+
+    The user-tower moments are always kept. The item-tower moments (two
+    catalogue-sized tables) are kept only with `item_tower=True`: they help
+    partner sites converge, but cost too much disk on many small clients.
+    """
+    full = optimizer.state_dict()
+    user_slots = set(full["param_groups"][1]["params"]) if len(full["param_groups"]) > 1 else set()
+    state = {
+        index: {name: (v.detach().cpu() if torch.is_tensor(v) else v) for name, v in slot.items()}
+        for index, slot in full["state"].items()
+        if item_tower or index in user_slots
+    }
+    return {"state": state, "param_groups": full["param_groups"]}
+
+
 def batch_targets(histories: UserHistories, users: np.ndarray, num_items: int) -> torch.Tensor:
     """Dense target weights B x N: each user's own interactions, by behaviour weight."""
     targets = torch.zeros(len(users), num_items)

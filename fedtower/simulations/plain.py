@@ -19,7 +19,7 @@ from fedtower.client.local import build_model, cached_dataset, partition_config
 from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
 from fedtower.metrics import RankingSums
-from fedtower.models.training import evaluate, make_optimizer, train
+from fedtower.models.training import evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.simulations.partition import partition_events
 
 
@@ -56,7 +56,7 @@ def plain_federation(
             if p in optimizers:
                 optimizer.load_state_dict(optimizers[p])
             train(model, split.train, train_config, optimizer=optimizer)
-            optimizers[p] = optimizer.state_dict()
+            optimizers[p] = private_optimizer_state(optimizer, item_tower=settings.keep_item_moments)
             users[p] = model.user_tower.embedding.weight.detach().clone()
             states.append(model.item_tower_state())
             weights.append(len(split.users))
