@@ -56,6 +56,8 @@ COMPONENT_KINDS: dict[str, str] = {
     "optimizer": "torch",  # optimizer.state_dict()
     "item_tower": "torch",  # latest global item-tower state_dict, for serving
     "accountant": "json",  # DP accountant state
+    "calibration": "json",  # the run's noise multiplier, fixed once per run
+    "dp_optimizer": "torch",  # DP optimizer moments (post-processing of noisy gradients)
     "meta": "json",  # counters: rounds_trained, last_round, run_id, ...
 }
 

@@ -196,10 +196,13 @@ def evaluate(
     history_len: int = 200,
     popularity: np.ndarray | None = None,
     chunk: int = 256,
+    pool_history: bool = True,
 ) -> RankingSums:
     """Full-catalogue ranking metrics as mergeable sums (BENCHMARKS.md protocol).
 
     Each user's train items are excluded and their test items are relevant.
+    `pool_history=False` scores with the free user embedding alone (how an
+    interaction-level DP model was trained).
     """
     model.eval()
     device = model.item_tower.id_embedding.weight.device
@@ -210,7 +213,7 @@ def evaluate(
     for start in range(0, len(train), chunk):
         rows = np.arange(start, min(start + chunk, len(train)))
         lists = [train.items_of(u) for u in rows]
-        history = pad_histories(lists, history_len).to(device)
+        history = pad_histories(lists if pool_history else [[]] * len(lists), history_len).to(device)
         user_ids = torch.as_tensor(rows, device=device) if model.user_tower.embedding is not None else None
         scores = (model.user_vectors(user_ids, history, vectors) @ vectors.T + bias).cpu().numpy()
         sums = sums + evaluate_scores(

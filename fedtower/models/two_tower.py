@@ -122,12 +122,14 @@ class UserTower(nn.Module):
         user_ids: torch.Tensor | None,
         history_vectors: torch.Tensor,
         history_mask: torch.Tensor,
+        free: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # user_ids B (or None for users without a free embedding), history_vectors B x L x d,
         # history_mask B x L (1 = real item, oldest first, pads anywhere) -> B x d
         weights = recency_weights(history_mask, self.config.recency)
         pooled = (weights.unsqueeze(-1) * history_vectors).sum(1)
-        free = self.free_vectors(user_ids, history_vectors)
+        if free is None:
+            free = self.free_vectors(user_ids, history_vectors)
         if self.config.pooling == "attention":
             query = pooled + free
             logits = (history_vectors @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(
@@ -167,16 +169,24 @@ class TwoTower(nn.Module):
         self.user_tower = UserTower(config)
 
     def forward(
-        self, user_ids: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor
+        self,
+        user_ids: torch.Tensor,
+        history: torch.Tensor,
+        candidates: torch.Tensor,
+        user_free: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample form (what Opacus sees): B users, B x L history, B x C candidates -> B x C."""
+        """Per-sample form (what Opacus sees): B users, B x L history, B x C candidates -> B x C.
+
+        `user_free` (B x d) replaces the free-embedding lookup: user-level DP
+        feeds each user's private vector in as an input, outside the DP step.
+        """
         length = history.shape[1]
         mask = history != PAD
         ids = torch.cat(
             [history.clamp(min=0), candidates], dim=1
         )  # one embedding call: B x (L + C)
         vectors, bias = self.item_tower(ids)
-        users = self.user_tower(user_ids, vectors[:, :length], mask)  # B x d
+        users = self.user_tower(user_ids, vectors[:, :length], mask, user_free)  # B x d
         return (vectors[:, length:] @ users.unsqueeze(-1)).squeeze(-1) + bias[:, length:]
 
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:
