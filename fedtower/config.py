@@ -14,6 +14,8 @@ from pathlib import Path
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum")
 PARTITIONINGS = ("sites", "users")
 DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_UNITS = ("user", "interaction")
+CLIENT_DP_MODES = ("off", "server-side", "client-side")
 
 
 def _kebab(name: str) -> str:
@@ -58,6 +60,20 @@ class RunSettings:
     user_l2: float = 1.0
     keep_item_moments: bool = True  # keep local Adam moments of the item tower between rounds (disk!)
     device: str = "auto"
+    # Differential privacy on each client (Opacus, RDP accountant). DP is on when
+    # noise-multiplier > 0 or target-epsilon > 0.
+    privacy_unit: str = "user"  # user: one user's whole history | interaction: one event
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0  # calibrate the noise once for the planned rounds and epochs
+    target_delta: float = 0.0  # 0 -> 1 / (10 x DP samples at the client)
+    max_grad_norm: float = 1.0
+    max_epsilon: float = 0.0  # run-level cap (0 = none); a node's own `max-epsilon` caps it further
+    dp_batch_size: int = 16  # expected DP samples per step (Poisson rate = this / samples)
+    dp_positives: int = 8  # user unit: positives per user per step
+    # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
+    client_dp: str = "off"
+    client_dp_noise: float = 1.0
+    client_dp_clip: float = 1.0
     seed: int = 0
     k: int = 20
     # Outputs and state.
@@ -85,6 +101,21 @@ class RunSettings:
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{_kebab(name)} must be between 0 and 1, got {getattr(self, name)}.")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy-unit must be one of {PRIVACY_UNITS}, got {self.privacy_unit!r}.")
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise ValueError(f"client-dp must be one of {CLIENT_DP_MODES}, got {self.client_dp!r}.")
+        for name in ("noise_multiplier", "target_epsilon", "target_delta", "max_epsilon"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_kebab(name)} must be 0 (off) or positive, got {getattr(self, name)}.")
+        if self.noise_multiplier > 0 and self.target_epsilon > 0:
+            raise ValueError("Give either noise-multiplier or target-epsilon, not both.")
+        if not 0 <= self.target_delta < 1:
+            raise ValueError(f"target-delta must be in [0, 1), got {self.target_delta}.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max-grad-norm must be positive, got {self.max_grad_norm}.")
+        if self.dp_batch_size < 1 or self.dp_positives < 1:
+            raise ValueError("dp-batch-size and dp-positives must be at least 1.")
         if not 0.0 <= self.taste_skew <= 1.0:
             raise ValueError(f"taste-skew must be between 0 and 1, got {self.taste_skew}.")
         if not self.size_skew >= 0.0:
@@ -120,6 +151,10 @@ class RunSettings:
         return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
 
     # ------------------------------------------------------------------ derived
+    @property
+    def dp_enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
     @property
     def run_dir(self) -> Path:
         root = Path(self.output_dir).expanduser() if self.output_dir else Path.home() / ".fedtower" / "runs"
