@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,10 +24,12 @@ from fedtower.client.local import (
     state_dir_of,
     user_embeddings_payload,
 )
+from fedtower.client.private_round import load_accountant, plan_round, train_private_round
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
+from fedtower.privacy.ledger import LedgerEntry, library_versions, pseudonymous_node_id
 from fedtower.strategies.item_tower import arrays_digest
 
 log = logging.getLogger("fedtower.client")
@@ -103,6 +106,11 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     load_global_item_tower(model, message.content["arrays"])
     global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
     load_user_embeddings(model, data.users, state.load("users", default=None))
+    meta = state.load("meta", default={}) or {}
+    if settings.dp_enabled:
+        return _train_private(message, context, settings, state, data, model, global_snapshot, meta,
+                              server_round, device)  # fmt: skip
+
     model.to(device)
     train_config = local_train_config(settings, server_round)
     optimizer = make_optimizer(model, train_config)
@@ -110,20 +118,13 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
         optimizer.load_state_dict(saved_optimizer)
     logs = train(model, data.split.train, train_config, optimizer=optimizer)
-
     model.cpu()
-    meta = state.load("meta", default={}) or {}
-    rounds_trained = int(meta.get("rounds_trained", 0)) + 1
-    # Which global tower each recent round started from (public; lets a resume be checked).
-    received = dict(list(dict(meta.get("received", {})).items())[-(RECEIVED_KEPT - 1):])
-    received[str(server_round)] = arrays_digest(message.content["arrays"])
     state.save(
         {
             "users": user_embeddings_payload(model, data.users),
             "optimizer": private_optimizer_state(optimizer, item_tower=settings.keep_item_moments),
             "item_tower": global_snapshot,  # the latest global tower, for serving
-            "meta": {**meta, "rounds_trained": rounds_trained, "last_round": server_round,
-                     "data_source": data.source, "received": received},  # fmt: skip
+            "meta": _next_meta(meta, message, server_round, data.source),
         }
     )
     metrics = MetricRecord(
@@ -137,6 +138,82 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
 
 
+def _next_meta(meta: dict, message: Message, server_round: int, source: str, trained: bool = True) -> dict:
+    received = dict(list(dict(meta.get("received", {})).items())[-(RECEIVED_KEPT - 1) :])
+    # Which global tower each recent round started from (public; lets a resume be checked).
+    received[str(server_round)] = arrays_digest(message.content["arrays"])
+    rounds_trained = int(meta.get("rounds_trained", 0)) + (1 if trained else 0)
+    return {**meta, "rounds_trained": rounds_trained, "last_round": server_round,
+            "data_source": source, "received": received}  # fmt: skip
+
+
+def _train_private(message, context, settings, state, data, model, global_snapshot, meta, server_round,
+                   device) -> Message:  # fmt: skip
+    """A DP round: budget check first; replies carry a constant weight and the ledger entry only."""
+    accountant = load_accountant(state)
+    plan, calibration = plan_round(settings, context.node_config, data.split.train, accountant,
+                                   state.load("calibration", default=None))  # fmt: skip
+    node = pseudonymous_node_id(context.node_id, settings.run_name)
+    if plan.exhausted:
+        log.warning("Node %s: this round would reach epsilon %.3f > cap %.3f; not training (budget "
+                    "exhausted).", node, plan.epsilon_after, plan.cap)  # fmt: skip
+        entry = ledger_entry(settings, plan, node, server_round, accountant, status="budget-exhausted")
+        state.append_ledger(entry.to_dict())
+        state.save({"item_tower": global_snapshot,
+                    "meta": _next_meta(meta, message, server_round, data.source, trained=False)})  # fmt: skip
+        return _private_reply(message, message.content["arrays"], entry, exhausted=True)
+
+    model.to(device)
+    item_state = state.load("dp_optimizer", default=None)
+    dp_state = train_private_round(model, data.split.train, settings, plan, accountant,
+                                   seed=settings.seed * 100_003 + server_round,
+                                   item_optimizer_state=item_state)  # fmt: skip
+    model.cpu()
+    entry = ledger_entry(settings, plan, node, server_round, accountant, status="trained")
+    # One atomic save: the accountant can never lag behind what was trained and released.
+    state.save(
+        {
+            "users": user_embeddings_payload(model, data.users),
+            "dp_optimizer": dp_state if settings.keep_item_moments else {"state": {}, "param_groups": []},
+            "accountant": accountant.state_dict(),
+            "calibration": calibration,
+            "item_tower": global_snapshot,
+            "meta": _next_meta(meta, message, server_round, data.source),
+        }
+    )
+    state.append_ledger(entry.to_dict())
+    return _private_reply(message, ArrayRecord(model.item_tower_state()), entry, exhausted=False)
+
+
+def ledger_entry(settings, plan, node: str, server_round: int, accountant, *, status: str) -> LedgerEntry:
+    return LedgerEntry(
+        run=settings.run_name,
+        round=server_round,
+        node=node,
+        unit=plan.unit,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps if status == "trained" else 0,
+        max_grad_norm=settings.max_grad_norm,
+        delta=plan.delta,
+        accountant="rdp",
+        epsilon_before=plan.epsilon_before,
+        epsilon_after=accountant.epsilon(delta=plan.delta) if accountant.history else 0.0,
+        status=status,
+        weights="constant",
+        history=[list(h) for h in accountant.history],
+        versions=library_versions(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _private_reply(message: Message, arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> Message:
+    # Constant weight: an example count would leak the site's size to the aggregate.
+    metrics = MetricRecord({"num-examples": 1, "budget-exhausted": int(exhausted)})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, "ledger": entry.to_config_record()})
+    return Message(content=content, reply_to=message)
+
+
 def evaluate_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
     """Rank the whole catalogue for each local user with their private embedding; send sums only."""
     settings = settings_of(message, context, run_config)
@@ -145,7 +222,9 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
     model = build_model(settings, data.catalogue, len(data.users))
     load_global_item_tower(model, message.content["arrays"])
     load_user_embeddings(model, data.users, state.load("users", default=None))
-    sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len)
+    interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
+    sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
+                    pool_history=not interaction_dp)  # fmt: skip
     payload = sums.to_dict()
     payload["num-examples"] = max(sums.users, 1)
     return Message(content=RecordDict({"metrics": MetricRecord(payload)}), reply_to=message)

@@ -18,9 +18,11 @@ from flwr.serverapp import Grid
 
 from fedtower.client.local import build_model, cached_dataset
 from fedtower.config import RunSettings
+from fedtower.privacy.ledger import LedgerEntry, ServerLedger, epsilon_table, plot_epsilon
 from fedtower.server.report import plot_metrics, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.item_tower import (
+    FederationFinished,
     ItemTowerStrategy,
     array_spec,
     arrays_digest,
@@ -83,6 +85,19 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(inner),
                                 {"strategy": settings.strategy, "digest": arrays_digest(arrays)})  # fmt: skip
 
+    ledger = ServerLedger(run_dir.path / "privacy_ledger.jsonl")
+
+    def on_ledger(current: int, node_id: int, record) -> None:
+        try:
+            entry = LedgerEntry.from_config_record(record)
+        except ValueError as err:
+            log.warning("Round %d: node %d sent an unreadable ledger entry: %s", current, node_id, err)
+            return
+        ledger.append(entry.to_dict())
+        log.info("Round %d: node %s (%s-level DP) epsilon %.3f -> %.3f (delta %.1e), %s.", current,
+                 entry.node, entry.unit, entry.epsilon_before, entry.epsilon_after, entry.delta,
+                 entry.status)  # fmt: skip
+
     def on_evaluate(current: int, metrics: dict) -> None:
         run_dir.record_round(current, "evaluate", metrics)
         log.info("Round %d: %s", current, "  ".join(
@@ -98,21 +113,30 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         seed=settings.seed,
         on_round_end=on_round_end,
         on_evaluate=on_evaluate,
+        on_ledger=on_ledger,
     )
     remaining = settings.num_server_rounds - offset
     if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=settings.round_timeout,
-            train_config=ConfigRecord({"run-name": settings.run_name}),
-            evaluate_config=ConfigRecord({"run-name": settings.run_name}),
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                train_config=ConfigRecord({"run-name": settings.run_name}),
+                evaluate_config=ConfigRecord({"run-name": settings.run_name}),
+            )
+        except FederationFinished as reason:
+            log.warning("%s", reason)
     history = run_dir.history()
     plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"))
     keys = [key.format(k=settings.k) for key in SUMMARY_KEYS]
     table = summary_table(history, keys=keys)
+    entries = ledger.entries()
+    if entries:
+        plot_epsilon(entries, run_dir.plot_path("epsilon"))
+        table += "\n\nPrivacy (final epsilon per client; see privacy_ledger.jsonl)\n" + epsilon_table(entries)
     run_dir.write_summary(table)
     log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
-    return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected}
+    return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected,
+            "ledger": entries, "exhausted": sorted(strategy.exhausted)}  # fmt: skip

@@ -131,6 +131,23 @@ def restore_strategy_state(inner: Strategy, state: dict[str, np.ndarray]) -> Non
         inner.momentum_vector = [v for _, v in momentum]
 
 
+class FederationFinished(Exception):
+    """No client can train any more (e.g. every privacy budget is spent): end the run early."""
+
+
+class _ExcludingGrid:
+    """A view of the Grid without some nodes, so the inner strategy never samples them."""
+
+    def __init__(self, grid: Grid, excluded: set[int]):
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self):
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
 class ItemTowerStrategy(Strategy):
     """Wraps a Flower strategy for two-tower item-tower federation."""
 
@@ -145,6 +162,7 @@ class ItemTowerStrategy(Strategy):
         seed: int = 0,
         on_round_end: RoundCallback | None = None,
         on_evaluate: Callable[[int, dict], None] | None = None,
+        on_ledger: Callable[[int, int, ConfigRecord], None] | None = None,
     ) -> None:
         if eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {eval_every}.")
@@ -160,6 +178,8 @@ class ItemTowerStrategy(Strategy):
         self.seed = seed
         self.on_round_end = on_round_end
         self.on_evaluate = on_evaluate
+        self.on_ledger = on_ledger
+        self.exhausted: set[int] = set()  # nodes whose privacy budget is spent
         self.current_arrays: ArrayRecord | None = None
         self.round_started = time.perf_counter()
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
@@ -185,6 +205,14 @@ class ItemTowerStrategy(Strategy):
         # Flower samples nodes with the global `random`; seeding per round keeps
         # a run (and its resume) reproducible.
         random.seed(self.seed * 1_000_003 + current)
+        if self.exhausted:
+            grid = _ExcludingGrid(grid, self.exhausted)
+            available = len(grid.get_node_ids())
+            if available == 0 or available < getattr(self.inner, "min_available_nodes", 1):
+                raise FederationFinished(
+                    f"Only {available} node(s) can still train (the others have spent their privacy "
+                    f"budget); ending the run after round {current - 1}."
+                )
         return self.inner.configure_train(current, arrays, config, grid)
 
     def aggregate_train(
@@ -198,11 +226,21 @@ class ItemTowerStrategy(Strategy):
                             message.error.reason)  # fmt: skip
                 accepted.append(message)  # the inner strategy logs and skips it too
                 continue
+            node = message.metadata.src_node_id
+            if "ledger" in message.content:
+                # Privacy ledger entry: kept by the server, never aggregated.
+                if self.on_ledger is not None:
+                    self.on_ledger(current, node, message.content["ledger"])
+                del message.content["ledger"]
+            metrics_record = message.content.get("metrics")
+            if metrics_record is not None and metrics_record.get("budget-exhausted") == 1:
+                self.exhausted.add(node)
+                log.info("Round %d: node %d has spent its privacy budget and did not train.", current, node)
+                continue
             problem = reply_problem(message, self.expected_arrays)
             if problem is None:
                 accepted.append(message)
             else:
-                node = message.metadata.src_node_id
                 self.rejected.append((current, node, problem))
                 log.warning("Round %d: rejected the reply of node %d: %s", current, node, problem)
         arrays, metrics = None, None

@@ -1,0 +1,706 @@
+"""The privacy ledger: what each client spent in each round, signed by the client, kept by the server.
+
+One `LedgerEntry` per client and round holds everything with privacy meaning
+that left the client: ε before and after, δ, noise multiplier, sampling rate,
+steps, clipping norm, accountant, and the accountant's whole history after the
+round, so that ε can be recomputed from any single entry.
+
+A client signs an entry with its Ed25519 key (`sign_entry`); the signed form is
+
+    {"entry": {...}, "signature": "<base64>", "key_id": "<fingerprint>", "algorithm": "ed25519"}
+
+and the signature covers b"fedtower-privacy-ledger/1\\n" followed by the entry's
+canonical JSON (sorted keys, no spaces), so changing any field breaks it.
+
+The server appends entries to `privacy_ledger.jsonl` in the run directory
+(`ServerLedger`); an auditor verifies the signatures and recomputes every ε
+with the independent accountant (`ServerLedger.verify_all`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import numbers
+import os
+import stat
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from flwr.app import ConfigRecord
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedtower.data.schema import atomic_write_bytes
+from fedtower.privacy.accounting import (
+    check_delta,
+    check_noise_multiplier,
+    check_sample_rate,
+    check_steps,
+    checked_history,
+    independent_epsilon,
+)
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "privacy_ledger.jsonl"
+ENTRY_FORMAT = 1
+UNITS: tuple[str, ...] = ("user", "interaction", "client")
+STATUSES: tuple[str, ...] = ("trained", "budget-exhausted")
+WEIGHTS: tuple[str, ...] = ("constant", "examples")
+ACCOUNTANTS: tuple[str, ...] = ("rdp",)
+VERSIONED_LIBRARIES: tuple[str, ...] = ("fedtower", "opacus", "torch", "flwr")
+
+SIGNATURE_ALGORITHM = "ed25519"
+SIGNED_KEYS = frozenset({"entry", "signature", "key_id", "algorithm"})
+_SIGNING_CONTEXT = b"fedtower-privacy-ledger/1\n"
+_DEFAULT_PSEUDONYM_KEY = b"fedtower-node-pseudonym"
+
+# An ε in the ledger and the one recomputed from its history may differ by this much, relatively.
+RELATIVE_TOLERANCE = 1e-6
+_JSON_FIELDS = ("history", "versions")  # sent inside a ConfigRecord as JSON strings
+
+
+class LedgerSignatureError(ValueError):
+    """A signed ledger entry does not verify: it was changed after signing, or signed by another key."""
+
+
+# ---------------------------------------------------------------- the entry
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour the ledger's numbers depend on."""
+    versions = {}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def pseudonymous_node_id(node_id: int, run: str, secret: bytes | None = None) -> str:
+    """A stable pseudonym for a node within one run: "node-" and 16 hex digits of HMAC-SHA256.
+
+    The ledger names nodes by this, not by Flower's node id. The run is part of
+    the message, so one node has unrelated pseudonyms in different runs. Without
+    a secret the key is a public constant: anyone who knows the run id can test
+    guessed node ids (Flower's deployment ids are random 64-bit numbers, but
+    simulation ids are small and easy to guess). With a secret, kept by whoever
+    assigns the pseudonyms, they cannot be linked back to node ids.
+    """
+    if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+        raise ValueError(f"node_id must be a non-negative integer (Flower's node id); got {node_id!r}.")
+    if not isinstance(run, str) or not run:
+        raise ValueError(f"run must be a non-empty string (the run id); got {run!r}.")
+    if secret is not None and (not isinstance(secret, bytes) or not secret):
+        raise ValueError("secret must be non-empty bytes, or None for the public default key.")
+    digest = hmac.new(secret or _DEFAULT_PSEUDONYM_KEY, f"{run}\n{node_id}".encode(), hashlib.sha256)
+    return f"node-{digest.hexdigest()[:16]}"
+
+
+def _field_name(name: str) -> str:
+    return f"Ledger entry field {name!r}"
+
+
+def _check_text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{_field_name(name)} must be a non-empty string; got {value!r}.")
+    return value
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise ValueError(f"{_field_name(name)} must be one of {', '.join(choices)}; got {value!r}.")
+    return value
+
+
+def _check_non_negative(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_field_name(name)} must be a finite number of at least 0; got {value!r}.")
+    return float(value)
+
+
+def _check_versions(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{_field_name('versions')} must map library names to version strings; got {value!r}.")
+    missing = [name for name in VERSIONED_LIBRARIES if name not in value]
+    if missing:
+        raise ValueError(f"{_field_name('versions')} has no version for {', '.join(missing)}.")
+    return dict(value)
+
+
+def _check_created_at(value: object) -> str:
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None or moment.utcoffset().total_seconds() != 0:
+        raise ValueError(
+            f"{_field_name('created_at')} must be an ISO 8601 time in UTC, e.g. 2025-01-31T12:00:00+00:00; "
+            f"got {value!r}."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What one client spent in one round. Every field is checked on construction."""
+
+    run: str
+    round: int
+    node: str  # pseudonymous_node_id(...), never Flower's raw node id
+    unit: str  # privacy unit: "user", "interaction" or "client"
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # DP-SGD steps in this round; 0 when the round was refused
+    max_grad_norm: float
+    delta: float
+    accountant: str  # "rdp"
+    epsilon_before: float
+    epsilon_after: float
+    status: str  # "trained" or "budget-exhausted"
+    weights: str  # aggregation weight the client reported: "constant" or "examples" (leaks its size)
+    history: tuple[tuple[float, float, int], ...]  # the accountant's whole history after this round
+    versions: dict[str, str] = field(default_factory=library_versions, hash=False)
+    created_at: str = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        checked = {
+            "run": _check_text(self.run, "run"),
+            "round": check_steps(self.round, name=_field_name("round")),
+            "node": _check_text(self.node, "node"),
+            "unit": _check_choice(self.unit, "unit", UNITS),
+            "noise_multiplier": check_noise_multiplier(self.noise_multiplier, name=_field_name("noise_multiplier")),
+            "sample_rate": check_sample_rate(self.sample_rate, name=_field_name("sample_rate")),
+            "steps": check_steps(self.steps, name=_field_name("steps"), minimum=0),
+            "max_grad_norm": check_noise_multiplier(self.max_grad_norm, name=_field_name("max_grad_norm")),
+            "delta": check_delta(self.delta, name=_field_name("delta")),
+            "accountant": _check_choice(self.accountant, "accountant", ACCOUNTANTS),
+            "epsilon_before": _check_non_negative(self.epsilon_before, "epsilon_before"),
+            "epsilon_after": _check_non_negative(self.epsilon_after, "epsilon_after"),
+            "status": _check_choice(self.status, "status", STATUSES),
+            "weights": _check_choice(self.weights, "weights", WEIGHTS),
+            "history": tuple(checked_history(self.history, name=_field_name("history"))),
+            "versions": _check_versions(self.versions),
+            "created_at": _check_created_at(self.created_at),
+        }
+        if checked["status"] == "trained" and checked["steps"] == 0:
+            raise ValueError("A ledger entry with status 'trained' must record at least one step.")
+        if checked["status"] == "budget-exhausted" and checked["steps"] != 0:
+            raise ValueError(
+                f"A ledger entry with status 'budget-exhausted' must record 0 steps; got {checked['steps']}."
+            )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------ dicts
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict: every field, "history" as lists, and "format"."""
+        body: dict[str, Any] = {"format": ENTRY_FORMAT}
+        for item in fields(self):
+            body[item.name] = getattr(self, item.name)
+        body["history"] = [list(entry) for entry in self.history]
+        body["versions"] = dict(self.versions)
+        return body
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
+        """The entry of a to_dict() dict; a missing, unknown or ill-typed field raises ValueError naming it."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A ledger entry must be a dict; got {type(data).__name__}.")
+        if "format" not in data:
+            raise ValueError("The ledger entry has no 'format' field.")
+        if data["format"] != ENTRY_FORMAT or isinstance(data["format"], bool):
+            raise ValueError(f"The ledger entry's 'format' is {data['format']!r}; this version reads {ENTRY_FORMAT}.")
+        names = [item.name for item in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"The ledger entry has no {', '.join(repr(m) for m in missing)} field.")
+        unknown = sorted(set(data) - set(names) - {"format"})
+        if unknown:
+            raise ValueError(f"The ledger entry has unknown fields {unknown}.")
+        return cls(**{name: data[name] for name in names})
+
+    # ------------------------------------------------------------ Flower records
+
+    def to_config_record(self) -> ConfigRecord:
+        """The entry as a flat ConfigRecord for a Flower reply; history and versions travel as JSON strings."""
+        return ConfigRecord(_flat_record(self.to_dict()))
+
+    @classmethod
+    def from_config_record(cls, record: Mapping[str, Any]) -> LedgerEntry:
+        return cls.from_dict(_unflat_record(record))
+
+    def canonical_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+
+def canonical_json(data: Mapping[str, Any]) -> bytes:
+    """Sorted keys, no spaces, strict JSON (no NaN): the bytes that get signed."""
+    try:
+        return json.dumps(dict(data), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"The ledger entry is not strict JSON ({err}).") from None
+
+
+def _flat_record(entry_dict: Mapping[str, Any]) -> dict[str, Any]:
+    flat = dict(entry_dict)
+    for name in _JSON_FIELDS:
+        flat[name] = json.dumps(flat[name], sort_keys=True, separators=(",", ":"))
+    return flat
+
+
+def _unflat_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(record)
+    for name in _JSON_FIELDS:
+        if name not in data:
+            raise ValueError(f"The ledger record has no {name!r} field.")
+        if not isinstance(data[name], str):
+            raise ValueError(
+                f"The ledger record's {name!r} field must be a JSON string; got {type(data[name]).__name__}."
+            )
+        try:
+            data[name] = json.loads(data[name])
+        except ValueError:
+            raise ValueError(f"The ledger record's {name!r} field is not valid JSON.") from None
+    return data
+
+
+# ---------------------------------------------------------------- signing
+
+
+def generate_signing_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def public_key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """16 hex digits of SHA-256 over the raw public key; names the key in signed entries."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def save_signing_key(private_key: Ed25519PrivateKey, path: str | Path) -> None:
+    """Write the private key as unencrypted PKCS#8 PEM, readable by its owner only (0600)."""
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path = Path(path)
+    atomic_write_bytes(path, pem)  # mkstemp creates the file 0600 before a byte is written
+    os.chmod(path, 0o600)
+
+
+def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
+    """Read a key save_signing_key wrote; refuses a key file that others can read, as ssh does."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"The signing key {path} can be read by other users (mode {mode:04o}); run `chmod 600 {path}`."
+        )
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key.")
+    return key
+
+
+def save_public_key(public_key: Ed25519PublicKey, path: str | Path) -> None:
+    """Write the public key as SubjectPublicKeyInfo PEM (0644: it is public)."""
+    pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    path = Path(path)
+    atomic_write_bytes(path, pem)
+    os.chmod(path, 0o644)
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    path = Path(path)
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key.")
+    return key
+
+
+def sign_entry(entry: LedgerEntry, private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The signed form of `entry`: {"entry", "signature", "key_id", "algorithm"}."""
+    body = entry.to_dict()
+    signature = private_key.sign(_SIGNING_CONTEXT + canonical_json(body))
+    return {
+        "entry": body,
+        "signature": base64.b64encode(signature).decode(),
+        "key_id": public_key_fingerprint(private_key.public_key()),
+        "algorithm": SIGNATURE_ALGORITHM,
+    }
+
+
+def _check_signed_shape(signed: object) -> Mapping[str, Any]:
+    if not isinstance(signed, Mapping) or set(signed) != SIGNED_KEYS:
+        keys = sorted(signed) if isinstance(signed, Mapping) else type(signed).__name__
+        raise ValueError(f"A signed ledger entry has exactly the fields {sorted(SIGNED_KEYS)}; got {keys}.")
+    if signed["algorithm"] != SIGNATURE_ALGORITHM:
+        raise ValueError(f"Signed ledger entries use {SIGNATURE_ALGORITHM}; got {signed['algorithm']!r}.")
+    if not isinstance(signed["entry"], Mapping):
+        raise ValueError("The 'entry' of a signed ledger entry must be a dict.")
+    return signed
+
+
+def verify_entry(signed: Mapping[str, Any], public_key: Ed25519PublicKey) -> LedgerEntry:
+    """The entry of a signed dict, once its signature verifies with `public_key`.
+
+    Raises LedgerSignatureError when any signed byte changed or another key signed it.
+    """
+    signed = _check_signed_shape(signed)
+    body = signed["entry"]
+    where = f"The ledger entry for node {body.get('node')!r}, round {body.get('round')!r}"
+    expected_id = public_key_fingerprint(public_key)
+    if signed["key_id"] != expected_id:
+        raise LedgerSignatureError(f"{where} was signed by key {signed['key_id']!r}, not by key {expected_id!r}.")
+    try:
+        signature = base64.b64decode(signed["signature"], validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise LedgerSignatureError(f"{where} has a signature that is not base64.") from None
+    try:
+        public_key.verify(signature, _SIGNING_CONTEXT + canonical_json(body))
+    except InvalidSignature:
+        raise LedgerSignatureError(
+            f"{where} does not match its signature: it was changed after it was signed, or signed by another key."
+        ) from None
+    return LedgerEntry.from_dict(body)
+
+
+def signed_to_config_record(signed: Mapping[str, Any]) -> ConfigRecord:
+    """A signed entry as one flat ConfigRecord: the entry's fields plus signature, key_id and algorithm."""
+    signed = _check_signed_shape(signed)
+    LedgerEntry.from_dict(signed["entry"])  # send nothing the server would refuse
+    flat = _flat_record(signed["entry"])
+    flat |= {"signature": signed["signature"], "key_id": signed["key_id"], "algorithm": signed["algorithm"]}
+    return ConfigRecord(flat)
+
+
+def signed_from_config_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The signed dict of signed_to_config_record's record (its signature is not checked here)."""
+    data = dict(record)
+    missing = sorted((SIGNED_KEYS - {"entry"}) - set(data))
+    if missing:
+        raise ValueError(f"The ledger record is not signed: it has no {', '.join(repr(m) for m in missing)} field.")
+    signature = {name: data.pop(name) for name in ("signature", "key_id", "algorithm")}
+    return {"entry": LedgerEntry.from_dict(_unflat_record(data)).to_dict(), **signature}
+
+
+def _parse_record(record: object) -> tuple[LedgerEntry, bool]:
+    """(entry, is_signed) of a ledger line: a signed dict, a plain entry dict, or a LedgerEntry."""
+    if isinstance(record, LedgerEntry):
+        return record, False
+    if isinstance(record, Mapping) and "signature" in record:
+        signed = _check_signed_shape(record)
+        return LedgerEntry.from_dict(signed["entry"]), True
+    return LedgerEntry.from_dict(record), False
+
+
+# ---------------------------------------------------------------- the server's ledger
+
+
+@dataclass(frozen=True)
+class LedgerFinding:
+    line: int
+    node: str | None
+    round: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f" (node {self.node}, round {self.round})" if self.node else "")
+        return f"{where}: {self.problem}"
+
+
+@dataclass
+class LedgerAudit:
+    """The result of ServerLedger.verify_all."""
+
+    path: Path
+    entries: int
+    signatures_checked: bool
+    findings: list[LedgerFinding]
+    epsilon_by_node: dict[str, float]  # recomputed by the independent accountant, last entry of each node
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def summary(self) -> str:
+        signatures = "signatures verified" if self.signatures_checked else "signatures NOT checked (no keys given)"
+        head = (
+            f"Privacy ledger {self.path}: {self.entries} entries from {len(self.epsilon_by_node)} nodes; "
+            f"{signatures}; every ε recomputed with the independent RDP accountant."
+        )
+        if self.ok:
+            return f"{head}\nNo problems found."
+        return "\n".join([head, f"{len(self.findings)} problem(s):", *(f"  {finding}" for finding in self.findings)])
+
+
+class ServerLedger:
+    """The run's privacy ledger: append-only JSON lines, each fsynced before append() returns.
+
+    `path` is the run directory (the ledger is its privacy_ledger.jsonl) or a .jsonl file.
+    A round a resumed server re-does is appended again: the client spent its budget twice.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path if path.suffix == ".jsonl" else path / LEDGER_FILE
+        self._lock = threading.Lock()
+
+    def append(self, record: Mapping[str, Any] | LedgerEntry) -> None:
+        """Append a signed dict, a plain entry dict or a LedgerEntry; anything malformed raises ValueError.
+
+        Signatures are not checked here (the server may not hold the keys); verify_all checks them.
+        """
+        entry, signed = _parse_record(record)
+        if signed:
+            line = canonical_json({name: record[name] for name in SIGNED_KEYS})
+        else:
+            line = entry.canonical_json()
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _cut_unfinished_line(fd, self.path)
+                view = memoryview(line + b"\n")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.path.parent)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every complete line as written (signed or plain dicts), in order; [] before the first append."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        *lines, unfinished = data.split(b"\n")
+        if unfinished:
+            log.warning("Ledger %s ends with an unfinished line from an interrupted append; skipping it.", self.path)
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                raise ValueError(f"Ledger {self.path} is corrupt: line {number} is not a JSON object.")
+            records.append(record)
+        return records
+
+    def latest_epsilon_by_node(self) -> dict[str, float]:
+        """ε after each node's last entry, as the node reported it."""
+        latest: dict[str, float] = {}
+        for record in self.entries():
+            entry, _ = _parse_record(record)
+            latest[entry.node] = entry.epsilon_after
+        return latest
+
+    def verify_all(self, public_keys: Mapping[str, Ed25519PublicKey] | None = None) -> LedgerAudit:
+        """Check every entry: signature (when keys are given, by node), ε after and before, history chain.
+
+        ε after is recomputed from the entry's history, and ε before from that
+        history less this round's steps, with `independent_epsilon`; a relative
+        difference above 1e-6 is a finding. Each entry's history must extend the
+        same node's previous entry by exactly this round's steps; otherwise the
+        accountant was reset or a round is missing from the ledger.
+        """
+        findings: list[LedgerFinding] = []
+        previous: dict[tuple[str, str], tuple[int, LedgerEntry]] = {}
+        epsilon_by_node: dict[str, float] = {}
+        records = self.entries()
+        for line, record in enumerate(records, start=1):
+            try:
+                entry, signed = _parse_record(record)
+            except ValueError as err:
+                findings.append(LedgerFinding(line, None, None, f"unreadable entry: {err}"))
+                continue
+            problems = _signature_problems(record, entry, signed, public_keys)
+            problems += _epsilon_problems(entry, previous.get((entry.run, entry.node)))
+            findings.extend(LedgerFinding(line, entry.node, entry.round, problem) for problem in problems)
+            previous[(entry.run, entry.node)] = (line, entry)
+            epsilon_by_node[entry.node] = independent_epsilon(history=entry.history, delta=entry.delta)
+        return LedgerAudit(
+            path=self.path,
+            entries=len(records),
+            signatures_checked=public_keys is not None,
+            findings=findings,
+            epsilon_by_node=epsilon_by_node,
+        )
+
+
+def _signature_problems(
+    record: object, entry: LedgerEntry, signed: bool, public_keys: Mapping[str, Ed25519PublicKey] | None
+) -> list[str]:
+    if public_keys is None:
+        return []
+    if not signed:
+        return ["the entry is not signed."]
+    key = public_keys.get(entry.node)
+    if key is None:
+        return ["no public key is known for this node, so its signature cannot be checked."]
+    try:
+        verify_entry(record, key)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
+def _epsilon_problems(entry: LedgerEntry, previous: tuple[int, LedgerEntry] | None) -> list[str]:
+    """ε after and before recomputed independently, and the history chained to the node's previous entry."""
+    problems = []
+    recomputed = independent_epsilon(history=entry.history, delta=entry.delta)
+    if not _close(entry.epsilon_after, recomputed):
+        problems.append(
+            f"epsilon_after is {entry.epsilon_after!r} but its history gives {recomputed!r} "
+            "(independent RDP accountant)."
+        )
+    before = _history_before(entry)
+    if before is None:
+        problems.append(
+            f"its history does not end with this round's {entry.steps} steps at noise multiplier "
+            f"{entry.noise_multiplier} and sample rate {entry.sample_rate}."
+        )
+        return problems
+    recomputed_before = independent_epsilon(history=before, delta=entry.delta)
+    if not _close(entry.epsilon_before, recomputed_before):
+        problems.append(
+            f"epsilon_before is {entry.epsilon_before!r} but the history before this round gives "
+            f"{recomputed_before!r} (independent RDP accountant)."
+        )
+    if previous is not None and list(previous[1].history) != before:
+        problems.append(
+            f"its history does not continue this node's previous entry (line {previous[0]}): "
+            "the accountant was reset or changed, or a round is missing from the ledger."
+        )
+    return problems
+
+
+def _close(reported: float, recomputed: float) -> bool:
+    return math.isclose(reported, recomputed, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12)
+
+
+def _history_before(entry: LedgerEntry) -> list[tuple[float, float, int]] | None:
+    """The history without this round's steps; None when the history does not end with them."""
+    history = list(entry.history)
+    if entry.steps == 0:
+        return history
+    if not history:
+        return None
+    noise_multiplier, sample_rate, steps = history[-1]
+    if (noise_multiplier, sample_rate) != (entry.noise_multiplier, entry.sample_rate) or steps < entry.steps:
+        return None
+    remaining = steps - entry.steps
+    return history[:-1] + ([(noise_multiplier, sample_rate, remaining)] if remaining else [])
+
+
+def _cut_unfinished_line(fd: int, path: Path) -> None:
+    """Drop a final line without its newline: an append that never returned. Call under the lock."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    data = os.pread(fd, size, 0)
+    end = data.rfind(b"\n") + 1
+    log.warning("Ledger %s ended with an unfinished line (%d bytes); cutting it off.", path, size - end)
+    os.ftruncate(fd, end)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _latest_per_round(entries: Iterable[Mapping[str, Any] | LedgerEntry]) -> dict[str, dict[int, LedgerEntry]]:
+    """node -> round -> entry; a later entry of the same node and round replaces an earlier one."""
+    by_node: dict[str, dict[int, LedgerEntry]] = {}
+    for record in entries:
+        entry, _ = _parse_record(record)
+        by_node.setdefault(entry.node, {})[entry.round] = entry
+    return by_node
+
+
+def plot_epsilon(entries: Iterable[Mapping[str, Any] | LedgerEntry], out_path: str | Path) -> Path:
+    """A PNG of ε after each round, one line per node; rounds a node refused are marked with an x."""
+    by_node = _latest_per_round(entries)
+    if not by_node:
+        raise ValueError("The privacy ledger has no entries, so there is no ε to plot.")
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for node in sorted(by_node):
+        rounds = sorted(by_node[node])
+        epsilons = [by_node[node][r].epsilon_after for r in rounds]
+        (line,) = axes.plot(rounds, epsilons, marker="o", markersize=3, label=node)
+        refused = [r for r in rounds if by_node[node][r].status == "budget-exhausted"]
+        if refused:
+            axes.plot(refused, [by_node[node][r].epsilon_after for r in refused], "x", color=line.get_color())
+    axes.set_title(f"Privacy spent per node ({len(by_node)} nodes)")
+    axes.set_xlabel("server round")
+    axes.set_ylabel("ε after the round (cumulative)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if len(by_node) <= 12:  # beyond that a legend hides the lines
+        axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    out_path = Path(out_path)
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return out_path
+
+
+def epsilon_table(entries: Iterable[Mapping[str, Any] | LedgerEntry]) -> str:
+    """Final ε per node: node, unit, rounds trained, ε, δ and status of its last round."""
+    by_node = _latest_per_round(entries)
+    if not by_node:
+        return "The privacy ledger has no entries, so there is nothing to list."
+    headers = ["node", "unit", "rounds trained", "epsilon", "delta", "status"]
+    rows = []
+    for node in sorted(by_node):
+        rounds = by_node[node]
+        last = rounds[max(rounds)]
+        trained = sum(1 for entry in rounds.values() if entry.status == "trained")
+        rows.append([node, last.unit, str(trained), f"{last.epsilon_after:.4f}", f"{last.delta:.3g}", last.status])
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    title = "Privacy spent per node (ε after its last round, at its δ)"
+    return "\n".join([title, line(headers), rule, *(line(row) for row in rows)])

@@ -1,0 +1,169 @@
+"""Client-level differential privacy for one-person clients, with Flower's own DP wrappers.
+
+What it protects. Where each client is one person (cross-device), protecting a
+person means protecting a whole client. Every client's item-tower update (its
+returned arrays minus the global arrays it was sent) is clipped to L2 norm
+`clipping_norm`; the server averages the n sampled updates with equal weights
+and adds Gaussian noise of standard deviation
+`noise_multiplier * clipping_norm / n` to the average. Two federations are
+neighbours when they differ by one client added or removed, i.e. one person
+with all of their events. Flower's RDP accountant composes one Gaussian
+release per aggregated round and reports the epsilon spent at `target_delta`.
+
+What it does not protect.
+- The server sees every individual update before the noise: raw in
+  "server-side" mode (the server clips), clipped in "client-side" mode
+  (Flower's `fixedclipping_mod` clips on the client). The guarantee covers
+  what the server releases (the item tower), not a curious server. Hiding
+  single updates from the server needs secure aggregation; SecAgg+ exists only
+  in Flower's legacy API in 1.41, which fedtower does not use.
+- Training and evaluation metrics (losses, ranking sums) are neither noised
+  nor counted in epsilon.
+- The noise comes from NumPy's global generator: seeding `np.random` in the
+  ServerApp process would make it reproducible, so never do that under DP.
+
+Why no amplification by sampling is claimed. Amplification needs a secret,
+random (e.g. Poisson) choice of participants. fedtower samples a fixed number
+of clients with Python's `random`, seeded per round from the run config, so
+the sample is neither Poisson nor secret; and Flower's fixed-clipping
+accountant accepts only `SamplingMethod.NO_AMPLIFICATION`. Each round is
+therefore accounted as a full Gaussian mechanism over the whole population.
+
+Equal weights. FedAvg weights each reply by its `num-examples`; unequal
+weights would let one client move the mean by more than
+`clipping_norm / n` and would leak dataset sizes. fedtower's clients send
+`num-examples = 1` under client-level DP, and the caller must make sure they
+do: Flower's wrapper checks it at every aggregation and raises ValueError
+("Accounted aggregation requires equal client weights."), which stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+
+CLIENT_DP_MODES = ("off", "server-side", "client-side")
+WRAPPERS = {
+    "server-side": DifferentialPrivacyServerSideFixedClipping,
+    "client-side": DifferentialPrivacyClientSideFixedClipping,  # clipping by fixedclipping_mod
+}
+DP_WRAPPERS = tuple(WRAPPERS.values())
+
+
+def wrap_client_level_dp(
+    inner: FedAvg,
+    *,
+    mode: str,
+    noise_multiplier: float,
+    clipping_norm: float,
+    num_sampled_clients: int,
+    target_delta: float,
+    population_size: int,
+    max_epsilon: float | None = None,
+) -> Strategy:
+    """`inner` itself for mode "off", else Flower's fixed-clipping DP wrapper around it, with an RDP accountant.
+
+    "client-side" also needs `fixedclipping_mod` on the ClientApp's train handler.
+    With `max_epsilon`, Flower raises PrivacyBudgetExhausted before a round
+    whose release would exceed it.
+    """
+    if mode not in CLIENT_DP_MODES:
+        raise ValueError(f"mode must be one of {', '.join(CLIENT_DP_MODES)}, got {mode!r}.")
+    if mode == "off":
+        return inner
+    _check_settings(inner, noise_multiplier, clipping_norm, num_sampled_clients, target_delta,
+                    population_size, max_epsilon)  # fmt: skip
+    config = PrivacyConfig(
+        target_delta=target_delta,
+        population_size=population_size,
+        # The only relation Flower pairs with no amplification; it is also the
+        # one we mean: one person (one client) more or fewer.
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=max_epsilon,
+    )
+    return WRAPPERS[mode](inner, noise_multiplier, clipping_norm, num_sampled_clients,
+                          accountant=_rdp_accountant(config))  # fmt: skip
+
+
+def client_dp_epsilon(strategy: Strategy) -> float | None:
+    """Epsilon spent so far (at the configured target delta) by Flower's accountant; None without client-level DP."""
+    if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
+        return None
+    return strategy.privacy_spent().epsilon
+
+
+def accountant_state(strategy: Strategy) -> dict | None:
+    """The accountant's JSON-serialisable state, to checkpoint with the item tower; None without client-level DP."""
+    if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
+        return None
+    return strategy.accountant.state_dict()
+
+
+def restore_accountant_state(strategy: Strategy, state: dict) -> None:
+    """Continue the accountant of a resumed run, so epsilon keeps composing instead of restarting at 0."""
+    if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
+        raise ValueError("Cannot restore a privacy accountant: this strategy does not use client-level DP.")
+    strategy.accountant.load_state_dict(state)
+
+
+def _check_settings(inner, noise_multiplier, clipping_norm, num_sampled_clients, target_delta,
+                    population_size, max_epsilon) -> None:  # fmt: skip
+    # Flower adds the noise to the inner strategy's aggregate and calibrates it
+    # to a plain mean of clipped updates; any other aggregation changes the
+    # sensitivity, so the accountant's epsilon would be wrong.
+    if type(inner) is not FedAvg:
+        raise ValueError(
+            f"Client-level DP needs a plain FedAvg inner strategy, got {type(inner).__name__}: Flower's "
+            "accountant is only valid for FedAvg's unmodified aggregation (an equally weighted mean of "
+            "clipped updates), which server optimizers and robust rules replace."
+        )
+    if inner.weighted_by_key != "num-examples":
+        raise ValueError(
+            "Client-level DP needs FedAvg to weight replies by 'num-examples', which fedtower's clients "
+            f"set to 1 so that every client weighs the same; got weighted_by_key={inner.weighted_by_key!r}."
+        )
+    if not _positive(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be a positive number under client-level DP, got {noise_multiplier!r}.")
+    if not _positive(clipping_norm):
+        raise ValueError(f"clipping_norm must be a positive number, got {clipping_norm!r}.")
+    if not _whole(num_sampled_clients) or num_sampled_clients < 1:
+        raise ValueError(f"num_sampled_clients must be a whole number of at least 1, got {num_sampled_clients!r}.")
+    if not _whole(population_size) or population_size < num_sampled_clients:
+        raise ValueError(
+            f"population_size must be a whole number no smaller than num_sampled_clients "
+            f"({num_sampled_clients}), got {population_size!r}."
+        )
+    if not _number(target_delta) or not 0 < target_delta < 1:
+        raise ValueError(f"target_delta must be strictly between 0 and 1, got {target_delta!r}.")
+    if max_epsilon is not None and not _positive(max_epsilon):
+        raise ValueError(f"max_epsilon must be a positive number (or None for no limit), got {max_epsilon!r}.")
+
+
+def _rdp_accountant(config: PrivacyConfig):
+    try:
+        return RdpAccountant(config)  # imports dp-accounting only now
+    except ImportError as err:
+        raise ImportError(
+            "Client-level DP accounts privacy with Flower's RdpAccountant, which needs the dp-accounting "
+            "package: install fedtower with flwr[dp]."
+        ) from err
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
