@@ -141,3 +141,22 @@ def test_server_killed_mid_run_resumes_from_its_last_checkpoint(tmp_path):
     digests = [ClientStateStore(d).meta()["received"] for d in sorted((out / "clients").iterdir())]
     first_resumed = str(killed_at.round + 1)
     assert {d[first_resumed] for d in digests} == {killed_at.extra["digest"]}
+
+
+def test_run_ends_when_every_client_has_spent_its_budget(tmp_path):
+    # Prepare: DP with a run-level cap that allows about two rounds per site.
+    settings = settings_for(tmp_path, "budget", **{"num-server-rounds": 8, "noise-multiplier": 1.0,
+                                                   "max-epsilon": 5.0, "dp-batch-size": 16,
+                                                   "local-epochs": 1, "eval-every": 4})  # fmt: skip
+    # Execute
+    result = simulate(settings)
+    # Assert: the run stopped early, every site is exhausted, and no site went past its cap.
+    run = RunDirectory(result["run_dir"], create=False)
+    trained_rounds = [r["round"] for r in run.history() if r["phase"] == "train"]
+    assert 1 <= max(trained_rounds) < 8
+    assert len(result["exhausted"]) == 3
+    trained = [e for e in result["ledger"] if e["status"] == "trained"]
+    assert trained and max(e["epsilon_after"] for e in trained) <= 5.0
+    assert {e["status"] for e in result["ledger"]} == {"trained", "budget-exhausted"}
+    assert (run.plots_dir / "epsilon.png").exists()
+    assert "Privacy" in (run.path / "summary.txt").read_text()
