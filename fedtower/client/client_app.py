@@ -4,12 +4,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtower.client.handlers import evaluate_on_node, train_on_node
+from fedtower.client.mods import optional_fixed_clipping
 from fedtower.logs import use_flower_logging
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[optional_fixed_clipping])
 def train(message: Message, context: Context) -> Message:
     """Train the item tower and this node's private user embeddings on local data."""
     use_flower_logging()

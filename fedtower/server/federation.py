@@ -15,12 +15,19 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedtower.client.local import build_model, cached_dataset
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import LedgerEntry, ServerLedger, epsilon_table, plot_epsilon
 from fedtower.server.report import plot_metrics, summary_table
 from fedtower.server.run_dir import RunDirectory
+from fedtower.strategies.client_dp import (
+    accountant_state,
+    client_dp_epsilon,
+    restore_accountant_state,
+    wrap_client_level_dp,
+)
 from fedtower.strategies.item_tower import (
     FederationFinished,
     ItemTowerStrategy,
@@ -52,6 +59,30 @@ def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
 
 
+def client_level_dp(grid: Grid, settings: RunSettings, inner):
+    """Flower's client-level DP wrapper around FedAvg: every client is sampled every round."""
+    if settings.fraction_train != 1.0:
+        raise ValueError(
+            "client-dp needs fraction-train = 1.0: Flower's accountant claims no amplification by sampling "
+            "and its wrapper expects the same number of clients every round."
+        )
+    population = max(settings.min_available_nodes, len(list(grid.get_node_ids())))
+    return wrap_client_level_dp(
+        inner,
+        mode=settings.client_dp,
+        noise_multiplier=settings.client_dp_noise,
+        clipping_norm=settings.client_dp_clip,
+        num_sampled_clients=population,
+        target_delta=client_level_delta(settings, population),
+        population_size=population,
+        max_epsilon=settings.max_epsilon or None,
+    )
+
+
+def client_level_delta(settings: RunSettings, population: int) -> float:
+    return settings.target_delta or 1.0 / (10 * population)
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     """Run (or resume) the federation; returns the final metrics history."""
     started = time.perf_counter()
@@ -64,6 +95,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     arrays = initial_item_tower(settings)
     expected = array_spec(arrays)
     inner = build_inner_strategy(settings.strategy, **asdict(settings))
+    optimizer_strategy = inner  # holds the server-optimizer state worth checkpointing
+    if settings.client_dp != "off":
+        inner = client_level_dp(grid, settings, inner)
     offset = 0
     checkpoint = run_dir.load_latest_checkpoint() if settings.resume else None
     if checkpoint is not None:
@@ -74,18 +108,26 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                 f"The checkpoint of round {offset} in {run_dir.path} does not match this run's item "
                 "tower (different catalogue or dim); start a new run name instead of resuming."
             )
-        restore_strategy_state(inner, checkpoint.strategy_state)
+        restore_strategy_state(optimizer_strategy, checkpoint.strategy_state)
+        if settings.client_dp != "off" and "client_dp_accountant" in checkpoint.extra:
+            restore_accountant_state(inner, checkpoint.extra["client_dp_accountant"])
         log.info("Resuming %s after round %d (item tower %s).", settings.run_name, offset,
                  arrays_digest(arrays))  # fmt: skip
     elif settings.resume:
         log.info("No checkpoint in %s; starting from round 1.", run_dir.path)
 
     def on_round_end(current: int, arrays: ArrayRecord, metrics: dict) -> None:
+        extra = {"strategy": settings.strategy, "digest": arrays_digest(arrays)}
+        if settings.client_dp != "off":
+            extra["client_dp_accountant"] = accountant_state(inner)
+            metrics = {**metrics, "epsilon-client-dp": client_dp_epsilon(inner)}
+            log.info("Round %d: client-level DP epsilon %.3f (delta %.1e).", current,
+                     metrics["epsilon-client-dp"], client_dp_delta)  # fmt: skip
         run_dir.record_round(current, "train", metrics)
-        run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(inner),
-                                {"strategy": settings.strategy, "digest": arrays_digest(arrays)})  # fmt: skip
+        run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(optimizer_strategy), extra)
 
     ledger = ServerLedger(run_dir.path / "privacy_ledger.jsonl")
+    client_dp_delta = client_level_delta(settings, max(1, len(list(grid.get_node_ids()))))
 
     def on_ledger(current: int, node_id: int, record) -> None:
         try:
@@ -126,8 +168,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                 train_config=ConfigRecord({"run-name": settings.run_name}),
                 evaluate_config=ConfigRecord({"run-name": settings.run_name}),
             )
-        except FederationFinished as reason:
-            log.warning("%s", reason)
+        except (FederationFinished, PrivacyBudgetExhausted) as reason:
+            log.warning("The run ends early: %s", reason)
     history = run_dir.history()
     plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"))
     keys = [key.format(k=settings.k) for key in SUMMARY_KEYS]

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtower.client.handlers import evaluate_on_node, train_on_node
 from fedtower.client.local import cached_dataset, partition_config
+from fedtower.client.mods import optional_fixed_clipping
 from fedtower.config import RunSettings
 from fedtower.server.federation import run_federation
 from fedtower.simulations.partition import partition_users
@@ -29,7 +30,7 @@ def make_client_app(run_config: dict) -> ClientApp:
     """The ClientApp with `run_config` bound (simulation only)."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[optional_fixed_clipping])
     def train(message: Message, context: Context) -> Message:
         return train_on_node(message, context, run_config)
 

@@ -19,8 +19,9 @@ What it does not protect.
   in Flower's legacy API in 1.41, which fedtower does not use.
 - Training and evaluation metrics (losses, ranking sums) are neither noised
   nor counted in epsilon.
-- The noise comes from NumPy's global generator: seeding `np.random` in the
-  ServerApp process would make it reproducible, so never do that under DP.
+- The noise comes from NumPy's global, non-cryptographic generator: seeding
+  `np.random` in the ServerApp process would make it reproducible, so never
+  do that under DP.
 
 Why no amplification by sampling is claimed. Amplification needs a secret,
 random (e.g. Poisson) choice of participants. fedtower samples a fixed number
@@ -70,9 +71,18 @@ def wrap_client_level_dp(
 ) -> Strategy:
     """`inner` itself for mode "off", else Flower's fixed-clipping DP wrapper around it, with an RDP accountant.
 
-    "client-side" also needs `fixedclipping_mod` on the ClientApp's train handler.
-    With `max_epsilon`, Flower raises PrivacyBudgetExhausted before a round
-    whose release would exceed it.
+    What Flower's wrapper then demands of a run:
+    - "client-side" needs `fixedclipping_mod` on the ClientApp's train handler
+      only (evaluate messages carry no clipping norm, so the mod fails them);
+    - each round must sample exactly `num_sampled_clients` nodes, or
+      configure_train raises ValueError;
+    - a round with any error reply, or with fewer replies than sampled, is
+      skipped: nothing is released and no epsilon is spent;
+    - replies must carry equal `num-examples`, or aggregation raises ValueError;
+    - an update of exactly zero (the global arrays sent back unchanged) makes
+      Flower 1.41 divide by zero while clipping;
+    - with `max_epsilon`, configure_train raises PrivacyBudgetExhausted before a
+      round whose release would exceed it.
     """
     if mode not in CLIENT_DP_MODES:
         raise ValueError(f"mode must be one of {', '.join(CLIENT_DP_MODES)}, got {mode!r}.")
@@ -90,7 +100,7 @@ def wrap_client_level_dp(
         max_epsilon=max_epsilon,
     )
     return WRAPPERS[mode](inner, noise_multiplier, clipping_norm, num_sampled_clients,
-                          accountant=_rdp_accountant(config))  # fmt: skip
+                          accountant=RdpAccountant(config))  # fmt: skip
 
 
 def client_dp_epsilon(strategy: Strategy) -> float | None:
@@ -145,16 +155,6 @@ def _check_settings(inner, noise_multiplier, clipping_norm, num_sampled_clients,
         raise ValueError(f"target_delta must be strictly between 0 and 1, got {target_delta!r}.")
     if max_epsilon is not None and not _positive(max_epsilon):
         raise ValueError(f"max_epsilon must be a positive number (or None for no limit), got {max_epsilon!r}.")
-
-
-def _rdp_accountant(config: PrivacyConfig):
-    try:
-        return RdpAccountant(config)  # imports dp-accounting only now
-    except ImportError as err:
-        raise ImportError(
-            "Client-level DP accounts privacy with Flower's RdpAccountant, which needs the dp-accounting "
-            "package: install fedtower with flwr[dp]."
-        ) from err
 
 
 def _number(value) -> bool:
