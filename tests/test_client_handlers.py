@@ -1,5 +1,6 @@
 """The client's train/evaluate handlers, called directly as a SuperNode would."""
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MetricRecord
 
@@ -124,3 +125,26 @@ def test_wrong_item_tower_is_refused(run_config):
     with task_identity():
         with pytest.raises(ValueError, match="shape"):
             train_on_node(server_message(other, node_id=3), context)
+
+
+def test_site_events_are_mapped_onto_the_servers_catalogue_and_unknown_items_reported(tmp_path, caplog):
+    # Prepare: a site file with one event for an item the public catalogue does not have (line 3).
+    from fedtower.client.local import load_node_data
+
+    site = tmp_path / "site.csv"
+    site.write_text(
+        "user,item,behaviour,timestamp,value\n"
+        "alice,i00001,purchase,1700000000,\n"
+        "alice,not-in-catalogue,click,1700000100,\n"
+        "alice,i00002,view,1700000200,\n"
+        "bob,i00003,click,1700000300,\n"
+    )
+    settings = RunSettings(data=DATA)
+    # Execute
+    with caplog.at_level("WARNING", logger="fedtower.client"):
+        data = load_node_data(settings, {"data-path": str(site)})
+    # Assert: the unknown item is reported with file, line and field; the rest map to catalogue rows.
+    assert "site.csv:3" in caplog.text and "'item'" in caplog.text
+    assert data.users == ["alice", "bob"]
+    rows = data.catalogue.index.rows(["i00001", "i00002", "i00003"])
+    assert sorted(np.concatenate([data.split.train.items, data.split.test.items])) == sorted(rows)

@@ -147,3 +147,25 @@ def test_unknown_strategy_and_bad_arguments_are_refused():
         build_inner_strategy("fedsgd")
     with pytest.raises(ValueError, match="eval_every must be at least 1"):
         ItemTowerStrategy(FedAvg(), expected_arrays=array_spec(tower(0.0)), num_rounds=3, eval_every=0)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum"])
+def test_every_strategy_aggregates_item_towers_through_the_wrapper(name):
+    # Prepare: five well-formed replies (values 1..5) and one poisoned one.
+    inner = build_inner_strategy(name, trim_beta=0.2, krum_byzantine=1)
+    if hasattr(inner, "m_t"):  # FedOpt family keeps the outgoing arrays as NumPy
+        inner.current_arrays = {k: a.numpy() for k, a in tower(0.0).items()}
+    elif hasattr(inner, "momentum_vector"):
+        inner.current_arrays = tower(0.0)
+    strategy = ItemTowerStrategy(inner, expected_arrays=array_spec(tower(0.0)), num_rounds=3)
+    strategy.current_arrays = tower(0.0)
+    replies = [reply(n, tower(float(n))) for n in range(1, 6)] + [reply(9, tower(float("inf")))]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: a finite tower of the right shapes came out, and the poisoned reply was named.
+    assert set(arrays.keys()) == set(KEYS)
+    values = arrays[KEYS[0]].numpy()
+    assert np.isfinite(values).all() and values.shape == (4, 2)
+    if name in ("fedavg", "fedmedian", "fedtrimmedavg"):
+        np.testing.assert_allclose(values, 3.0)  # mean, median and trimmed mean of 1..5 are all 3
+    assert [node for _, node, _ in strategy.rejected] == [9]
