@@ -276,6 +276,13 @@ class Site:
     state_dir: Path
     users: set[str]  # users with any event on this site
     users_with_test: int  # users the site evaluates (at least one held-out interaction)
+    # More node config for this site's SuperNode (e.g. its own `max-epsilon`); set before deploying.
+    extra_node_config: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def node_config(self) -> dict[str, object]:
+        """The SuperNode's --node-config: where the site's data and private state live, plus extras."""
+        return {"data-path": str(self.data_path), "state-dir": str(self.state_dir), **self.extra_node_config}
 
 
 def prepare_sites(data_spec: str, num_sites: int, root: Path, *, seed: int = 0) -> list[Site]:
@@ -402,7 +409,7 @@ def local_deployment(
         except Exception as err:
             raise RuntimeError(f"{err}\n{tracker.log_tail('superlink')}") from None
         for index, (site, port) in enumerate(zip(sites, node_ports, strict=True)):
-            node_config = toml_pairs({"data-path": str(site.data_path), "state-dir": str(site.state_dir)})
+            node_config = toml_pairs(site.node_config)
             node_env = flower_env(root / "flwr-home" / f"supernode-{index}")
             tracker.start(f"supernode-{index}", [
                 flower_bin("flower-supernode"), "--insecure", "--superlink", address,
@@ -413,3 +420,37 @@ def local_deployment(
         deployment = LocalDeployment(tracker, env, ports)
         deployment.wait_for_supernodes(len(sites), startup_timeout)
         yield deployment
+
+
+@dataclass
+class CompletedRun:
+    """A `flwr run` that finished with status completed, on a deployment that has been stopped."""
+
+    run_id: int
+    log: str  # `flwr run --stream` output
+    log_dir: Path  # every process's log, kept after the deployment stopped
+    seconds: dict[str, float]  # "start" (deployment up), "run" (`flwr run` and status), "stop"
+
+    def timings(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
+
+
+def run_to_completion(
+    root: Path, sites: Sequence[Site], run_config: Mapping[str, object], *, timeout: float, app: Path = REPO_ROOT
+) -> CompletedRun:
+    """Start a deployment for `sites`, run `app` on it to the end, check it completed, stop everything.
+
+    Raises AssertionError, with every process's log, when the run ends in any
+    status other than finished:completed.
+    """
+    started = time.monotonic()
+    with local_deployment(root, sites) as deployment:
+        ready = time.monotonic()
+        run_id, log = deployment.run_app(app, run_config, timeout=timeout)
+        status = deployment.run_status(run_id)
+        if status != "finished:completed":
+            raise AssertionError(f"run {run_id} ended {status}\n{log}\n{deployment.tracker.all_logs()}")
+        finished = time.monotonic()
+    stopped = time.monotonic()
+    return CompletedRun(run_id, log, deployment.tracker.log_dir,
+                        {"start": ready - started, "run": finished - ready, "stop": stopped - finished})  # fmt: skip

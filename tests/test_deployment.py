@@ -5,14 +5,19 @@ starts, and every process Flower starts for it, is stopped at the end.
 """
 
 import json
+import math
 import sys
-import time
 
 import pytest
 
+from fedtower.client.local import load_node_data
+from fedtower.client.private_round import plan_round
 from fedtower.client.state import ClientStateStore
+from fedtower.config import RunSettings
+from fedtower.privacy.accounting import ClientAccountant, independent_epsilon
+from fedtower.privacy.ledger import ServerLedger
 from fedtower.server.run_dir import RunDirectory
-from tests.deployment_utils import REPO_ROOT, local_deployment, prepare_sites
+from tests.deployment_utils import Site, prepare_sites, run_to_completion
 
 pytestmark = [
     pytest.mark.deployment,
@@ -20,57 +25,56 @@ pytestmark = [
 ]
 
 DATA = "synthetic:users=120,items=150,seed=0"
-ROUNDS = 2
 RUN_TIMEOUT_S = 150.0
 
 
-def test_two_site_deployment_trains_evaluates_and_keeps_node_state(tmp_path):
-    # Prepare: two sites' event files (the catalogue is public: it comes from `data`), empty state dirs.
-    sites = prepare_sites(DATA, 2, tmp_path / "sites")
-    output_dir = tmp_path / "runs"
-    run_config = {
+def run_config(output_dir, run_name: str, rounds: int, **overrides) -> dict:
+    """A small, fast run on CPU that waits for both sites before it starts."""
+    return {
         "data": DATA,
-        "num-server-rounds": ROUNDS,
+        "num-server-rounds": rounds,
         "eval-every": 1,
         "dim": 16,
         "history-len": 50,
         "local-epochs": 1,
         "num-negatives": 32,
         "device": "cpu",
-        # Wait for both sites, so every round trains and evaluates on all users.
         "min-available-nodes": 2,
         "min-train-nodes": 2,
         "min-evaluate-nodes": 2,
         "round-timeout": 120.0,
         "output-dir": str(output_dir),
-        "run-name": "deploy",
+        "run-name": run_name,
+        **overrides,
     }
-    started = time.monotonic()
 
-    # Execute: SuperLink + 2 SuperNodes, then `flwr run <repo> <connection> --stream`.
-    with local_deployment(tmp_path / "flower", sites) as deployment:
-        ready = time.monotonic()
-        run_id, log = deployment.run_app(REPO_ROOT, run_config, timeout=RUN_TIMEOUT_S)
-        status = deployment.run_status(run_id)
-        assert status == "finished:completed", f"run {run_id} ended {status}\n{deployment.tracker.all_logs()}"
-        finished = time.monotonic()
-    stopped = time.monotonic()
-    print(f"\ndeployment: start {ready - started:.1f} s, run {finished - ready:.1f} s, "
-          f"stop {stopped - finished:.1f} s")  # fmt: skip
+
+def evaluated_users(sites: list[Site]) -> int:
+    return sum(site.users_with_test for site in sites)
+
+
+def test_two_site_deployment_trains_evaluates_and_keeps_node_state(tmp_path):
+    rounds = 2
+    # Prepare: two sites' event files (the catalogue is public: it comes from `data`), empty state dirs.
+    sites = prepare_sites(DATA, 2, tmp_path / "sites")
+    config = run_config(tmp_path / "runs", "deploy", rounds)  # every round trains and evaluates on all users
+
+    # Execute: SuperLink + 2 SuperNodes, `flwr run <repo> <connection> --stream`, everything stopped.
+    done = run_to_completion(tmp_path / "flower", sites, config, timeout=RUN_TIMEOUT_S)
+    print(f"\ndeployment: {done.timings()}")
 
     # Assert: the server's run directory.
-    run = RunDirectory(output_dir / "deploy", create=False)
-    assert json.loads((run.path / "config.json").read_text())["num-server-rounds"] == ROUNDS
+    run = RunDirectory(tmp_path / "runs" / "deploy", create=False)
+    assert json.loads((run.path / "config.json").read_text())["num-server-rounds"] == rounds
     evaluated = {row["round"]: row for row in run.history() if row["phase"] == "evaluate"}
-    assert sorted(evaluated) == [1, 2], log
-    expected_users = sum(site.users_with_test for site in sites)
+    assert sorted(evaluated) == [1, 2], done.log
     for row in evaluated.values():
         assert row["ndcg@20"] > 0
-        assert row["users"] == expected_users
+        assert row["users"] == evaluated_users(sites)
     assert {row["round"] for row in run.history() if row["phase"] == "train"} == {1, 2}
     checkpoint = run.load_latest_checkpoint()
-    assert checkpoint is not None and checkpoint.round == ROUNDS
-    assert run.load_checkpoint(ROUNDS).arrays
+    assert checkpoint is not None and checkpoint.round == rounds
+    assert run.load_checkpoint(rounds).arrays
     assert (run.path / "summary.txt").read_text().strip()
 
     # Assert: each site's private state, in its own state dir, trained on its own users only.
@@ -79,7 +83,111 @@ def test_two_site_deployment_trains_evaluates_and_keeps_node_state(tmp_path):
         assert {"users", "optimizer", "item_tower", "meta"} <= set(manifest["components"])
         store = ClientStateStore(site.state_dir, create=False)
         meta = store.load("meta")
-        assert meta["rounds_trained"] == ROUNDS
-        assert meta["last_round"] == ROUNDS
+        assert meta["rounds_trained"] == rounds
+        assert meta["last_round"] == rounds
         assert meta["data_source"] == str(site.data_path)
         assert set(store.load("users")["users"]) == site.users
+
+
+def planned_epsilons(config: dict, site: Site, rounds: int) -> list[float]:
+    """ε after each of `rounds` DP rounds at `site`, from the client's own planning code on its own data."""
+    settings = RunSettings.from_run_config(config)
+    histories = load_node_data(settings, {"data-path": str(site.data_path)}).split.train
+    accountant, calibration, epsilons = ClientAccountant(), None, []
+    for _ in range(rounds):
+        plan, calibration = plan_round(settings, {}, histories, accountant, calibration)  # no cap: {}
+        epsilons.append(plan.epsilon_after)
+        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
+    return epsilons
+
+
+def test_user_level_dp_deployment_caps_one_site_and_keeps_a_verifiable_ledger(tmp_path):
+    rounds, run_name = 3, "deploy-dp"
+    sites = prepare_sites(DATA, 2, tmp_path / "sites")
+    config = run_config(
+        tmp_path / "runs", run_name, rounds,
+        **{"noise-multiplier": 1.0, "dp-batch-size": 8, "privacy-unit": "user",
+           # Evaluate once, after the last round: each round is a fresh ClientApp process per node.
+           "eval-every": rounds,
+           # Site 0 drops out after round 1: training must go on with site 1 alone. (The server stops
+           # sampling an exhausted node; with 2 nodes required it would end the run instead.)
+           "min-available-nodes": 1, "min-train-nodes": 1},
+    )  # fmt: skip
+    # Site 0's own budget: halfway between the ε its first round reaches and the ε a second round would
+    # reach, both computed by the client's own planning code (plan_round / ClientAccountant, the same
+    # noise calibration, sample rate and δ) on site 0's own events. So round 1 fits under the cap and
+    # round 2 does not, with a margin (~0.35 in ε here) far above the planner's 1e-6 relative slack.
+    epsilons = {index: planned_epsilons(config, site, rounds) for index, site in enumerate(sites)}
+    first, second = epsilons[0][:2]
+    assert first < second, epsilons
+    cap = (first + second) / 2
+    sites[0].extra_node_config["max-epsilon"] = cap  # site 1: no cap
+
+    done = run_to_completion(tmp_path / "flower", sites, config, timeout=RUN_TIMEOUT_S)
+    print(f"\ndeployment with DP: {done.timings()}")
+
+    # Assert: the server's run directory; training went on after site 0 ran out of budget.
+    run = RunDirectory(tmp_path / "runs" / run_name, create=False)
+    train_rows = [row for row in run.history() if row["phase"] == "train"]
+    assert [row["round"] for row in train_rows] == [1, 2, 3], done.log
+    for row in train_rows:
+        # DP replies carry a constant weight and no loss (only num-examples=1 and budget-exhausted), and
+        # an exhausted site's reply is never aggregated.
+        assert "train-loss" not in row and "train-seconds" not in row, row
+        assert row["budget-exhausted"] == 0, row
+    evaluated = [row for row in run.history() if row["phase"] == "evaluate"]
+    assert [row["round"] for row in evaluated] == [rounds]
+    assert evaluated[0]["users"] == evaluated_users(sites)  # site 0 still evaluates
+    checkpoint = run.load_latest_checkpoint()
+    assert checkpoint is not None and checkpoint.round == rounds
+
+    # Assert: the server's privacy ledger, which must be exactly what each site logged itself.
+    ledger = ServerLedger(run.path)
+    entries = ledger.entries()
+    audit = ledger.verify_all()  # ε recomputed independently, each node's history chained round to round
+    assert audit.ok, audit.summary()
+    by_node: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_node.setdefault(entry["node"], []).append(entry)
+    assert len(by_node) == 2, entries
+    site_entries = []
+    for site in sites:
+        assert (site.state_dir / "ledger.jsonl").is_file()
+        local = ClientStateStore(site.state_dir, create=False).read_ledger()
+        assert local and len({entry["node"] for entry in local}) == 1, local
+        assert by_node[local[0]["node"]] == local  # the server's copy, field for field
+        site_entries.append(local)
+    for entry in entries:
+        assert entry["run"] == run_name and entry["unit"] == "user" and entry["weights"] == "constant"
+        assert entry["noise_multiplier"] == 1.0
+        recomputed = independent_epsilon(history=entry["history"], delta=entry["delta"])
+        assert math.isclose(entry["epsilon_after"], recomputed, rel_tol=1e-6), entry
+
+    # Site 0: trained round 1, refused round 2 (ε unchanged, no steps), then was no longer asked to train.
+    trained, refused = site_entries[0]
+    assert (trained["round"], trained["status"]) == (1, "trained")
+    assert (refused["round"], refused["status"], refused["steps"]) == (2, "budget-exhausted", 0)
+    assert math.isclose(trained["epsilon_after"], first, rel_tol=1e-6) and trained["epsilon_after"] <= cap
+    assert refused["history"] == trained["history"]
+    assert math.isclose(refused["epsilon_before"], trained["epsilon_after"], rel_tol=1e-9)
+    assert math.isclose(refused["epsilon_after"], trained["epsilon_after"], rel_tol=1e-9)
+    # Site 1: trained every round, its ε growing as planned.
+    assert [(e["round"], e["status"]) for e in site_entries[1]] == [(r, "trained") for r in range(1, rounds + 1)]
+    spent = [entry["epsilon_after"] for entry in site_entries[1]]
+    assert all(a < b for a, b in zip(spent, spent[1:])), spent
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(spent, epsilons[1], strict=True)), spent
+    for previous, entry in zip(site_entries[1], site_entries[1][1:]):
+        assert math.isclose(entry["epsilon_before"], previous["epsilon_after"], rel_tol=1e-9)
+
+    # Assert: each site's state dir holds the accountant its last ledger entry describes.
+    for site, local, rounds_trained, last_round in ((sites[0], site_entries[0], 1, 2),
+                                                    (sites[1], site_entries[1], rounds, rounds)):  # fmt: skip
+        store = ClientStateStore(site.state_dir, create=False)
+        accountant = store.load("accountant")
+        assert accountant["mechanism"] == "rdp"
+        assert accountant["history"] == local[-1]["history"]
+        assert store.load("calibration")["noise_multiplier"] == 1.0
+        meta = store.load("meta")
+        assert (meta["rounds_trained"], meta["last_round"]) == (rounds_trained, last_round)
+        assert set(store.load("users")["users"]) == site.users
+        assert not store.has("optimizer")  # the non-DP optimizer never ran
