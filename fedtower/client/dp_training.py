@@ -20,6 +20,7 @@ a noise-only step: skipping it would break the sampled-Gaussian analysis.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ from fedtower.models.losses import sample_negatives
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
 
 log = logging.getLogger("fedtower.client")
+# Opacus's full backward hooks warn when the inputs are integer ids (which never need gradients).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 UNITS = ("user", "interaction")
 

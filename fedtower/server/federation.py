@@ -66,7 +66,7 @@ def client_level_dp(grid: Grid, settings: RunSettings, inner):
             "client-dp needs fraction-train = 1.0: Flower's accountant claims no amplification by sampling "
             "and its wrapper expects the same number of clients every round."
         )
-    population = max(settings.min_available_nodes, len(list(grid.get_node_ids())))
+    population = client_population(grid, settings)
     return wrap_client_level_dp(
         inner,
         mode=settings.client_dp,
@@ -77,6 +77,10 @@ def client_level_dp(grid: Grid, settings: RunSettings, inner):
         population_size=population,
         max_epsilon=settings.max_epsilon or None,
     )
+
+
+def client_population(grid: Grid, settings: RunSettings) -> int:
+    return max(settings.min_available_nodes, len(list(grid.get_node_ids())))
 
 
 def client_level_delta(settings: RunSettings, population: int) -> float:
@@ -127,7 +131,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(optimizer_strategy), extra)
 
     ledger = ServerLedger(run_dir.path / "privacy_ledger.jsonl")
-    client_dp_delta = client_level_delta(settings, max(1, len(list(grid.get_node_ids()))))
+    client_dp_delta = client_level_delta(settings, client_population(grid, settings))
 
     def on_ledger(current: int, node_id: int, record) -> None:
         try:

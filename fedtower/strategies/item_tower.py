@@ -208,7 +208,8 @@ class ItemTowerStrategy(Strategy):
         if self.exhausted:
             grid = _ExcludingGrid(grid, self.exhausted)
             available = len(grid.get_node_ids())
-            if available == 0 or available < getattr(self.inner, "min_available_nodes", 1):
+            needed = max(getattr(self.inner, "min_available_nodes", 1), getattr(self.inner, "min_train_nodes", 1))
+            if available == 0 or available < needed:
                 raise FederationFinished(
                     f"Only {available} node(s) can still train (the others have spent their privacy "
                     f"budget); ending the run after round {current - 1}."
