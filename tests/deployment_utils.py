@@ -8,6 +8,7 @@ SIGKILL after a grace period, and reports any survivor. Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -128,11 +129,9 @@ class ProcessTracker:
         for pid in self.alive():
             if pid in skip:
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                 os.kill(pid, sig)
                 signalled.add(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
         return signalled
 
     def stop(self, grace: float = 10.0) -> list[str]:
@@ -153,10 +152,8 @@ class ProcessTracker:
             self._signal_all(signal.SIGKILL)
             time.sleep(0.5)
         for popen in self.popens.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below as a survivor
                 popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         return [_describe(pid) for pid in self.alive()]
 
 

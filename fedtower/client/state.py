@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fedtower.data.schema import atomic_write_bytes
+from fedtower.data.schema import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,6 @@ def _sha256(data: bytes) -> str:
 
 def _canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new files in `path` durable, not only their contents."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ClientStateStore:
@@ -332,9 +323,9 @@ class ClientStateStore:
                 "bytes": len(data),
                 "version": version,
             }
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         self._replace_manifest(version, entries)  # the commit point
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         keep = {e["file"] for e in entries.values()} | (previous.files() if previous else set())
         self._collect_garbage(keep)
         return version
@@ -494,7 +485,7 @@ class ClientStateStore:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
 
     def _cut_unfinished_ledger_line(self, fd: int) -> None:
         size = os.fstat(fd).st_size

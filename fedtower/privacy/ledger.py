@@ -47,7 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedtower.data.schema import atomic_write_bytes
+from fedtower.data.schema import atomic_write_bytes, fsync_dir
 from fedtower.privacy.accounting import (
     check_delta,
     check_noise_multiplier,
@@ -56,6 +56,7 @@ from fedtower.privacy.accounting import (
     checked_history,
     independent_epsilon,
 )
+from fedtower.server.report import render_table
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +494,7 @@ class ServerLedger:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
 
     def entries(self) -> list[dict[str, Any]]:
         """Every complete line as written (signed or plain dicts), in order; [] before the first append."""
@@ -632,14 +633,6 @@ def _cut_unfinished_line(fd: int, path: Path) -> None:
     os.ftruncate(fd, end)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -694,13 +687,4 @@ def epsilon_table(entries: Iterable[Mapping[str, Any] | LedgerEntry]) -> str:
         last = rounds[max(rounds)]
         trained = sum(1 for entry in rounds.values() if entry.status == "trained")
         rows.append([node, last.unit, str(trained), f"{last.epsilon_after:.4f}", f"{last.delta:.3g}", last.status])
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        first = f"{cells[0]:<{widths[0]}}"
-        rest = [f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:])]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    title = "Privacy spent per node (ε after its last round, at its δ)"
-    return "\n".join([title, line(headers), rule, *(line(row) for row in rows)])
+    return render_table(headers, rows, "Privacy spent per node (ε after its last round, at its δ)")

@@ -139,7 +139,7 @@ def summary_table(
         best_round_text = _ABSENT if best_round is None else str(best_round)
         table_rows.append([name, _format_value(last.get(name)), _format_value(best_value), best_round_text])
     title = f"{phase.capitalize()} metrics at the last round ({last['round']}) and the best round of each"
-    return _render_table(["metric", f"round {last['round']}", "best", "best round"], table_rows, title)
+    return render_table(["metric", f"round {last['round']}", "best", "best round"], table_rows, title)
 
 
 def rounds_table(history: Sequence[dict[str, Any]], keys: Sequence[str], *, phase: str = "evaluate") -> str:
@@ -148,10 +148,10 @@ def rounds_table(history: Sequence[dict[str, Any]], keys: Sequence[str], *, phas
     if not rows:
         return f"No {phase} rounds were recorded, so there is nothing to list."
     body = [[str(row["round"]), *(_format_value(row.get(name)) for name in keys)] for row in rows]
-    return _render_table(["round", *keys], body, f"{phase.capitalize()} metrics per round")
+    return render_table(["round", *keys], body, f"{phase.capitalize()} metrics per round")
 
 
-def _render_table(headers: list[str], rows: list[list[str]], title: str) -> str:
+def render_table(headers: list[str], rows: list[list[str]], title: str) -> str:
     """First column left-aligned, the others right-aligned, two spaces apart."""
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
 
