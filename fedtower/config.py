@@ -15,7 +15,26 @@ STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedme
 PARTITIONINGS = ("sites", "users")
 DEVICES = ("auto", "cpu", "cuda")
 PRIVACY_UNITS = ("user", "interaction")
+EMBEDDING_PATHS = ("sparse", "opacus")
+EXACT_TABLE_OPTIMIZERS = ("sgd",)  # lazily drawn noise matches dense DP-SGD only for these
+OPACUS_TABLE_OPTIMIZERS = ("sgd", "adam")
 CLIENT_DP_MODES = ("off", "server-side", "client-side")
+
+
+def check_embedding_path(path: str, table_optimizer: str) -> None:
+    """Refuse a table optimizer the chosen DP path cannot run exactly."""
+    if path not in EMBEDDING_PATHS:
+        raise ValueError(f"dp-embedding-path must be one of {EMBEDDING_PATHS}, got {path!r}.")
+    if path == "sparse" and table_optimizer not in EXACT_TABLE_OPTIMIZERS:
+        raise ValueError(
+            f"dp-table-optimizer {table_optimizer!r} cannot be made exact with lazily drawn noise: its "
+            "per-row state (momentum, Adam or Adagrad moments, weight decay) would have been moved by the "
+            "noise of the steps in which a row was not read. Use dp-table-optimizer = \"sgd\", or "
+            "dp-embedding-path = \"opacus\" to add dense noise to every row at every step."
+        )
+    if path == "opacus" and table_optimizer not in OPACUS_TABLE_OPTIMIZERS:
+        raise ValueError(f"dp-table-optimizer must be one of {OPACUS_TABLE_OPTIMIZERS} with "
+                         f"dp-embedding-path = \"opacus\", got {table_optimizer!r}.")  # fmt: skip
 
 
 def _kebab(name: str) -> str:
@@ -70,6 +89,11 @@ class RunSettings:
     max_epsilon: float = 0.0  # run-level cap (0 = none); a node's own `max-epsilon` caps it further
     dp_batch_size: int = 16  # expected DP samples per step (Poisson rate = this / samples)
     dp_positives: int = 8  # user unit: positives per user per step
+    # Embedding tables under DP: "sparse" draws each row's noise lazily when it is next read
+    # (cost grows with the rows a batch touches; SGD only), "opacus" adds dense noise every step.
+    dp_embedding_path: str = "sparse"
+    dp_table_optimizer: str = "sgd"  # sparse: sgd only (exact); opacus: sgd | adam
+    dp_table_lr: float = 0.5
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
     client_dp_noise: float = 1.0
@@ -116,6 +140,9 @@ class RunSettings:
             raise ValueError(f"max-grad-norm must be positive, got {self.max_grad_norm}.")
         if self.dp_batch_size < 1 or self.dp_positives < 1:
             raise ValueError("dp-batch-size and dp-positives must be at least 1.")
+        check_embedding_path(self.dp_embedding_path, self.dp_table_optimizer)
+        if not self.dp_table_lr > 0:
+            raise ValueError(f"dp-table-lr must be positive, got {self.dp_table_lr}.")
         if not 0.0 <= self.taste_skew <= 1.0:
             raise ValueError(f"taste-skew must be between 0 and 1, got {self.taste_skew}.")
         if not self.size_skew >= 0.0:
@@ -182,3 +209,4 @@ def _coerce(key: str, raw: object, kind: type) -> object:
 
 
 DEFAULT_RUN_CONFIG: dict[str, str | int | float | bool] = RunSettings().to_run_config()
+

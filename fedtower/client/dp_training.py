@@ -15,6 +15,23 @@ a noise-only step: skipping it would break the sampled-Gaussian analysis.
   other samples' gradients), and the user table is trained inside the DP step
   with everything else: the released item tower is post-processing of a DP
   trajectory. There is no switch to train user embeddings outside DP here.
+
+Two paths compute the same mechanism:
+
+- "sparse" (the default): the embedding tables (item ids, item bias, and the
+  user table at the interaction level) are trained by SGD with lazily drawn
+  noise (`fedtower.privacy.sparse_tables`): a step costs the rows its batch
+  read, and the released tables have exactly the distribution of dense DP-SGD.
+  Per-sample norms add the touched-row norms of the tables to Opacus's
+  per-sample gradients of the dense layers (the content MLP), and one clip
+  factor per sample applies to both.
+- "opacus": Opacus hooks over the whole model and dense noise on every row.
+  It is the reference the sparse path is tested against, and the only path
+  that allows Adam on the tables.
+
+In both, the dense layers take DP-Adam steps at `lr` (post-processing of the
+noisy gradient) and the loss is a per-sample sum, so each sample's gradient
+is its own whatever the batch size.
 """
 
 from __future__ import annotations
@@ -28,9 +45,11 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedtower.config import check_embedding_path
 from fedtower.data.prepared import UserHistories
 from fedtower.models.losses import sample_negatives
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
+from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors
 
 log = logging.getLogger("fedtower.client")
 # Opacus's full backward hooks warn when the inputs are integer ids (which never need gradients).
@@ -53,6 +72,9 @@ class DPConfig:
     history_len: int = 200
     history_dropout: float = 0.5
     seed: int = 0
+    embedding_path: str = "sparse"  # "sparse" (lazy noise on touched rows) | "opacus" (dense)
+    table_optimizer: str = "sgd"
+    table_lr: float = 0.5
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -65,6 +87,10 @@ class DPConfig:
             raise ValueError(f"The sampling rate must be in (0, 1], got {self.sample_rate}.")
         if self.steps < 1:
             raise ValueError(f"DP training needs at least one step, got {self.steps}.")
+        check_embedding_path(self.embedding_path, self.table_optimizer)
+        if not self.table_lr > 0:
+            raise ValueError(f"dp-table-lr must be positive, got {self.table_lr}.")
+
 
 
 @dataclass
@@ -101,30 +127,62 @@ class DPTrainer:
         self.model = model
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)  # Poisson sampling only
+        device = model.item_tower.id_embedding.weight.device
+        self.noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
         self.step_index = 0
         user_table = model.user_tower.embedding
         if config.unit == "user" and user_table is not None:
-            # Outside the DP step: frozen for Opacus, updated from each user's own loss.
+            # Outside the DP step: frozen for the DP step, updated from each user's own loss.
             user_table.weight.requires_grad_(False)
             self.user_optimizer = RowAdam(user_table.weight, lr=config.lr, weight_decay=config.user_l2)
         else:
             self.user_optimizer = None
-        self.module = GradSampleModule(model)
-        dp_params = [p for p in model.parameters() if p.requires_grad]
-        inner = torch.optim.Adam(dp_params, lr=config.lr)
+        tables = [model.item_tower.id_embedding, model.item_tower.bias]
+        if config.unit == "interaction":
+            tables.append(user_table)
+        tables = [t for t in tables if t is not None]
+        table_params = {id(t.weight) for t in tables}
+        self.dense_params = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
+        self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=config.lr) if self.dense_params else None
+        if config.embedding_path == "sparse":
+            self.tables = [LazyNoiseTable(t, generator=self.noise_generator) for t in tables]
+            self.table_optimizer = None
+            # Opacus computes per-sample gradients of the dense layers only; the tables are read
+            # through their own hooks.
+            dense_modules = [model.item_tower.content_mlp] if model.item_tower.content_mlp is not None else []
+            self.hooked = [GradSampleModule(m, loss_reduction="sum") for m in dense_modules]
+            self.noise_engine = None
+        else:
+            self.tables = []
+            table_weights = [t.weight for t in tables]
+            make = torch.optim.SGD if config.table_optimizer == "sgd" else torch.optim.Adam
+            self.table_optimizer = make(table_weights, lr=config.table_lr)
+            self.hooked = [GradSampleModule(model, loss_reduction="sum")]
+            # Opacus clips and noises every DP parameter; the table and dense optimizers then step.
+            self.noise_engine = DPOptimizer(
+                torch.optim.SGD(table_weights + self.dense_params, lr=0.0),
+                noise_multiplier=config.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                expected_batch_size=1,  # set per step to q * population, see step()
+                loss_reduction="mean",  # divides the noisy sum by expected_batch_size
+                generator=self.noise_generator,
+            )
+        # Tests and audits may look at each step before its noise (never saved or sent):
+        # inspect({"per_sample": B x P, "clipped_sum": P}) over the DP parameters in `dp_names`.
+        self.inspect = None
+        dp_ids = table_params | {id(p) for p in self.dense_params}
+        self.dp_names = [n for n, p in model.named_parameters() if id(p) in dp_ids]
         if item_optimizer_state:
-            try:
-                inner.load_state_dict(item_optimizer_state)
-            except (ValueError, KeyError):
-                log.info("Saved DP optimizer state does not fit this model; starting it afresh.")
-        self.optimizer = DPOptimizer(
-            inner,
-            noise_multiplier=config.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            expected_batch_size=1,  # set per step to q * population, see step()
-            loss_reduction="mean",
-            generator=torch.Generator().manual_seed(config.seed + 1),
-        )
+            self._load_optimizer_state(item_optimizer_state)
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        try:
+            if self.dense_optimizer is not None and saved.get("dense"):
+                self.dense_optimizer.load_state_dict(saved["dense"])
+            if self.table_optimizer is not None and saved.get("tables"):
+                self.table_optimizer.load_state_dict(saved["tables"])
+        except (ValueError, KeyError, TypeError):
+            log.info("Saved DP optimizer state does not fit this model; starting it afresh.")
 
     # ------------------------------------------------------------- one step
     def _sample_generator(self, sample_id: int) -> torch.Generator:
@@ -160,7 +218,7 @@ class DPTrainer:
         free = None
         if self.model.user_tower.embedding is not None:
             free = self.model.user_tower.embedding.weight[user_rows].detach().clone().requires_grad_(True)
-        scores = self.module(user_rows, history, candidates, free)  # B x (P + M)
+        scores = self.model(user_rows, history, candidates, free)  # B x (P + M)
         per_user = _multi_positive_softmax(scores, self.config.positives)
         return per_user.sum(), free
 
@@ -175,7 +233,7 @@ class DPTrainer:
         candidates = torch.cat([items.view(-1, 1), negatives], dim=1).to(device)
         user_rows = torch.as_tensor(samples.users[rows], dtype=torch.long, device=device)
         no_history = torch.full((len(rows), 1), PAD, dtype=torch.long, device=device)
-        scores = self.module(user_rows, no_history, candidates)  # B x (1 + M)
+        scores = self.model(user_rows, no_history, candidates)  # B x (1 + M)
         weights = torch.as_tensor(samples.weights[rows], device=device)
         return (-torch.log_softmax(scores, dim=-1)[:, 0] * weights).sum()
 
@@ -188,23 +246,91 @@ class DPTrainer:
             population = np.arange(len(samples))
         rows = population[_poisson(len(population), cfg.sample_rate, self.generator)]
         self.step_index += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        if len(rows) == 0:
-            for p in self.optimizer.params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-        else:
+        self._zero_grads()
+        if len(rows) > 0:
             if cfg.unit == "user":
                 loss, free = self._user_loss(histories, rows)
             else:
                 loss, free = self._interaction_loss(samples, rows), None
-            loss.backward()
+            loss.backward()  # a per-sample sum: each sample's gradient is its own
             if free is not None and free.grad is not None:
                 self._update_users(rows, free.grad)
-        # Sum of clipped per-sample gradients + noise, divided by the expected batch size
+        # Noisy sum of clipped per-sample gradients, divided by the expected batch size
         # (a constant, so the division is post-processing).
-        self.optimizer.expected_batch_size = max(1.0, cfg.sample_rate * len(population))
-        self.optimizer.step()
+        expected_batch = max(1.0, cfg.sample_rate * len(population))
+        if self.noise_engine is not None:
+            self._opacus_step(len(rows), expected_batch)
+        else:
+            self._sparse_step(len(rows), expected_batch)
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.step()
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
         return len(rows)
+
+    def _zero_grads(self) -> None:
+        for p in self.dense_params:
+            p.grad, p.grad_sample = None, None
+        if self.noise_engine is not None:
+            self.noise_engine.zero_grad(set_to_none=True)
+
+    def _opacus_step(self, batch: int, expected_batch: float) -> None:
+        if batch == 0:
+            for p in self.noise_engine.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        engine = self.noise_engine
+        engine.expected_batch_size = expected_batch
+        # Opacus's pre_step, spelled out so the pre-noise sum can be inspected.
+        engine.clip_and_accumulate()
+        if self.inspect is not None:
+            per_sample = self._in_dp_order({id(p): p.grad_sample for p in engine.params})
+            summed = self._in_dp_order({id(p): p.summed_grad.unsqueeze(0) for p in engine.params})
+            self.inspect({"per_sample": _flat(per_sample, batch), "clipped_sum": _flat(summed, 1)[0]})
+        engine.add_noise()
+        engine.scale_grad()  # sets p.grad = (sum + noise) / expected_batch
+
+    def _sparse_step(self, batch: int, expected_batch: float) -> None:
+        cfg = self.config
+        noise_std = cfg.noise_multiplier * cfg.max_grad_norm
+        device = self.model.item_tower.id_embedding.weight.device
+        squared = torch.zeros(batch, device=device)
+        per_table = [table.sample_grads() if batch else None for table in self.tables]
+        for grads in per_table:
+            if grads is not None:
+                samples, _, rows_grad = grads
+                squared.index_add_(0, samples, rows_grad.pow(2).sum(1))
+        for p in self.dense_params:
+            if batch and p.grad_sample is not None:
+                squared += p.grad_sample.reshape(batch, -1).pow(2).sum(1)
+        clip = clip_factors(squared, cfg.max_grad_norm)
+        if self.inspect is not None:
+            self._inspect_sparse(batch, per_table, clip)
+        for table, grads in zip(self.tables, per_table):
+            table.step(grads, clip, lr=cfg.table_lr, noise_std=noise_std, batch_divisor=expected_batch)
+        for p in self.dense_params:
+            summed = torch.zeros_like(p)
+            if batch and p.grad_sample is not None:
+                summed = torch.einsum("i,i...->...", clip, p.grad_sample)
+            noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype)
+            p.grad = (summed + noise_std * noise) / expected_batch
+            p.grad_sample = None
+
+    def _inspect_sparse(self, batch: int, per_table: list, clip: torch.Tensor) -> None:
+        """Dense per-sample gradients in `dp_names` order (test and audit only: O(B x table))."""
+        by_param = {}
+        for table, grads in zip(self.tables, per_table):
+            full = torch.zeros(batch, *table.weight.shape, device=table.weight.device)
+            if grads is not None:
+                samples, rows, row_grads = grads
+                full.index_put_((samples, rows), row_grads, accumulate=True)
+            by_param[id(table.weight)] = full
+        for p in self.dense_params:
+            by_param[id(p)] = p.grad_sample if p.grad_sample is not None else torch.zeros(batch, *p.shape)
+        per_sample = _flat(self._in_dp_order(by_param), batch)
+        self.inspect({"per_sample": per_sample, "clipped_sum": (per_sample * clip.unsqueeze(1)).sum(0)})
+
+    def _in_dp_order(self, by_param: dict) -> list[torch.Tensor]:
+        return [by_param[id(p)] for _, p in self.model.named_parameters() if id(p) in by_param]
 
     def _update_users(self, rows: np.ndarray, grad: torch.Tensor) -> None:
         """A non-private step on each sampled user's own embedding, from that user's loss only."""
@@ -218,22 +344,41 @@ class DPTrainer:
         return {"steps": self.config.steps, "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
 
     def item_optimizer_state(self) -> dict:
-        """The DP optimizer's own moments (post-processing of noisy gradients), for the next round."""
-        state = self.optimizer.original_optimizer.state_dict()
+        """The DP optimizers' own state (post-processing of noisy gradients), for the next round."""
         return {
-            "state": {k: {n: (v.detach().cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
-                      for k, s in state["state"].items()},  # fmt: skip
-            "param_groups": state["param_groups"],
+            "dense": _cpu_state(self.dense_optimizer) if self.dense_optimizer is not None else {},
+            "tables": _cpu_state(self.table_optimizer) if self.table_optimizer is not None else {},
         }
 
+    def release(self) -> None:
+        """Apply every row's pending noise: after this the tables may be read, saved and sent."""
+        for table in self.tables:
+            table.release()
+
     def detach(self) -> None:
-        """Remove Opacus hooks so the model can be used (and saved) as a plain module."""
-        self.module.remove_hooks()
+        """Apply all pending noise and remove every hook, so the model is a plain module again."""
+        for table in self.tables:
+            table.detach()
+        for hooked in self.hooked:
+            hooked.remove_hooks()
         for parameter in self.model.parameters():
             parameter.grad_sample = None
             parameter.summed_grad = None
         if self.model.user_tower.embedding is not None:
             self.model.user_tower.embedding.weight.requires_grad_(True)
+
+
+def _flat(per_sample: list[torch.Tensor], batch: int) -> torch.Tensor:
+    return torch.cat([g.reshape(batch, -1) for g in per_sample], dim=1)  # B x P
+
+
+def _cpu_state(optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {
+        "state": {k: {n: (v.detach().cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
+                  for k, s in state["state"].items()},  # fmt: skip
+        "param_groups": state["param_groups"],
+    }
 
 
 class RowAdam:

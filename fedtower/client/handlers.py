@@ -174,7 +174,7 @@ def _train_private(message, context, settings, state, data, model, global_snapsh
     state.save(
         {
             "users": user_embeddings_payload(model, data.users),
-            "dp_optimizer": dp_state if settings.keep_item_moments else {"state": {}, "param_groups": []},
+            "dp_optimizer": dp_state if settings.keep_item_moments else {},
             "accountant": accountant.state_dict(),
             "calibration": calibration,
             "item_tower": global_snapshot,

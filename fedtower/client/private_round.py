@@ -133,6 +133,9 @@ def train_private_round(
         history_len=settings.history_len,
         history_dropout=settings.history_dropout,
         seed=seed,
+        embedding_path=settings.dp_embedding_path,
+        table_optimizer=settings.dp_table_optimizer,
+        table_lr=settings.dp_table_lr,
     )
     trainer = DPTrainer(model, config, item_optimizer_state=item_optimizer_state)
     try:
