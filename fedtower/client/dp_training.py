@@ -246,6 +246,7 @@ class DPTrainer:
             population = np.arange(len(samples))
         rows = population[_poisson(len(population), cfg.sample_rate, self.generator)]
         self.step_index += 1
+        self.model.train()  # per-sample hooks capture in training mode only
         self._zero_grads()
         if len(rows) > 0:
             if cfg.unit == "user":
