@@ -49,7 +49,7 @@ from fedtower.config import check_embedding_path
 from fedtower.data.prepared import UserHistories
 from fedtower.models.losses import sample_negatives
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
-from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors
+from fedtower.privacy.sparse_tables import GaussianStream, LazyNoiseTable, clip_factors, per_sample_row_grads
 
 log = logging.getLogger("fedtower.client")
 # Opacus's full backward hooks warn when the inputs are integer ids (which never need gradients).
@@ -75,6 +75,7 @@ class DPConfig:
     embedding_path: str = "sparse"  # "sparse" (lazy noise on touched rows) | "opacus" (dense)
     table_optimizer: str = "sgd"
     table_lr: float = 0.5
+    noise_seed: int | None = None  # None -> seed + 1
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -128,7 +129,8 @@ class DPTrainer:
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)  # Poisson sampling only
         device = model.item_tower.id_embedding.weight.device
-        self.noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+        noise_seed = config.seed + 1 if config.noise_seed is None else config.noise_seed
+        self.noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
         self.step_index = 0
         user_table = model.user_tower.embedding
         if config.unit == "user" and user_table is not None:
@@ -145,7 +147,8 @@ class DPTrainer:
         self.dense_params = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
         self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=config.lr) if self.dense_params else None
         if config.embedding_path == "sparse":
-            self.tables = [LazyNoiseTable(t, generator=self.noise_generator) for t in tables]
+            self.noise = GaussianStream(self.noise_generator, device=device, dtype=model.item_tower.id_embedding.weight.dtype)
+            self.tables = [LazyNoiseTable(t, noise=self.noise) for t in tables]
             self.table_optimizer = None
             # Opacus computes per-sample gradients of the dense layers only; the tables are read
             # through their own hooks.
@@ -153,7 +156,7 @@ class DPTrainer:
             self.hooked = [GradSampleModule(m, loss_reduction="sum") for m in dense_modules]
             self.noise_engine = None
         else:
-            self.tables = []
+            self.tables, self.noise = [], None
             table_weights = [t.weight for t in tables]
             make = torch.optim.SGD if config.table_optimizer == "sgd" else torch.optim.Adam
             self.table_optimizer = make(table_weights, lr=config.table_lr)
@@ -247,7 +250,7 @@ class DPTrainer:
         rows = population[_poisson(len(population), cfg.sample_rate, self.generator)]
         self.step_index += 1
         self.model.train()  # per-sample hooks capture in training mode only
-        self._zero_grads()
+        self.zero_grads()
         if len(rows) > 0:
             if cfg.unit == "user":
                 loss, free = self._user_loss(histories, rows)
@@ -256,20 +259,22 @@ class DPTrainer:
             loss.backward()  # a per-sample sum: each sample's gradient is its own
             if free is not None and free.grad is not None:
                 self._update_users(rows, free.grad)
-        # Noisy sum of clipped per-sample gradients, divided by the expected batch size
-        # (a constant, so the division is post-processing).
-        expected_batch = max(1.0, cfg.sample_rate * len(population))
+        self.private_update(len(rows), expected_batch=max(1.0, cfg.sample_rate * len(population)))
+        return len(rows)
+
+    def private_update(self, batch: int, *, expected_batch: float) -> None:
+        """The DP update from the last backward over `batch` samples: the noisy sum of clipped
+        per-sample gradients, divided by the expected batch size (a constant, so post-processing)."""
         if self.noise_engine is not None:
-            self._opacus_step(len(rows), expected_batch)
+            self._opacus_step(batch, expected_batch)
         else:
-            self._sparse_step(len(rows), expected_batch)
+            self._sparse_step(batch, expected_batch)
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
         if self.table_optimizer is not None:
             self.table_optimizer.step()
-        return len(rows)
 
-    def _zero_grads(self) -> None:
+    def zero_grads(self) -> None:
         for p in self.dense_params:
             p.grad, p.grad_sample = None, None
         if self.noise_engine is not None:
@@ -286,7 +291,9 @@ class DPTrainer:
         if self.inspect is not None:
             per_sample = self._in_dp_order({id(p): p.grad_sample for p in engine.params})
             summed = self._in_dp_order({id(p): p.summed_grad.unsqueeze(0) for p in engine.params})
-            self.inspect({"per_sample": _flat(per_sample, batch), "clipped_sum": _flat(summed, 1)[0]})
+            flat = _flat(per_sample, batch)
+            self.inspect({"per_sample": flat, "clipped_sum": _flat(summed, 1)[0],
+                          "squared_norms": flat.pow(2).sum(1)})  # fmt: skip
         engine.add_noise()
         engine.scale_grad()  # sets p.grad = (sum + noise) / expected_batch
 
@@ -295,40 +302,40 @@ class DPTrainer:
         noise_std = cfg.noise_multiplier * cfg.max_grad_norm
         device = self.model.item_tower.id_embedding.weight.device
         squared = torch.zeros(batch, device=device)
-        per_table = [table.sample_grads() if batch else None for table in self.tables]
-        for grads in per_table:
-            if grads is not None:
-                samples, _, rows_grad = grads
-                squared.index_add_(0, samples, rows_grad.pow(2).sum(1))
+        per_table = [table.batch_reads() if batch else None for table in self.tables]
+        for table, reads in zip(self.tables, per_table):
+            if reads is not None:
+                squared += table.squared_norms(reads)
         for p in self.dense_params:
             if batch and p.grad_sample is not None:
                 squared += p.grad_sample.reshape(batch, -1).pow(2).sum(1)
-        clip = clip_factors(squared, cfg.max_grad_norm)
+        clip = clip_factors(squared, cfg.max_grad_norm)  # one factor per sample, over all parameters
         if self.inspect is not None:
-            self._inspect_sparse(batch, per_table, clip)
-        for table, grads in zip(self.tables, per_table):
-            table.step(grads, clip, lr=cfg.table_lr, noise_std=noise_std, batch_divisor=expected_batch)
+            self._inspect_sparse(batch, per_table, clip, squared)
+        for table, reads in zip(self.tables, per_table):
+            table.step(reads, clip, lr=cfg.table_lr, noise_std=noise_std, batch_divisor=expected_batch)
         for p in self.dense_params:
             summed = torch.zeros_like(p)
             if batch and p.grad_sample is not None:
                 summed = torch.einsum("i,i...->...", clip, p.grad_sample)
-            noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype)
+            noise = self.noise.take(p.numel()).view_as(p)
             p.grad = (summed + noise_std * noise) / expected_batch
             p.grad_sample = None
 
-    def _inspect_sparse(self, batch: int, per_table: list, clip: torch.Tensor) -> None:
+    def _inspect_sparse(self, batch: int, per_table: list, clip: torch.Tensor, squared: torch.Tensor) -> None:
         """Dense per-sample gradients in `dp_names` order (test and audit only: O(B x table))."""
         by_param = {}
-        for table, grads in zip(self.tables, per_table):
+        for table, reads in zip(self.tables, per_table):
             full = torch.zeros(batch, *table.weight.shape, device=table.weight.device)
-            if grads is not None:
-                samples, rows, row_grads = grads
+            if reads is not None:
+                samples, rows, row_grads = per_sample_row_grads(*reads, table.num_rows)
                 full.index_put_((samples, rows), row_grads, accumulate=True)
             by_param[id(table.weight)] = full
         for p in self.dense_params:
             by_param[id(p)] = p.grad_sample if p.grad_sample is not None else torch.zeros(batch, *p.shape)
         per_sample = _flat(self._in_dp_order(by_param), batch)
-        self.inspect({"per_sample": per_sample, "clipped_sum": (per_sample * clip.unsqueeze(1)).sum(0)})
+        self.inspect({"per_sample": per_sample, "clipped_sum": (per_sample * clip.unsqueeze(1)).sum(0),
+                      "squared_norms": squared})  # fmt: skip
 
     def _in_dp_order(self, by_param: dict) -> list[torch.Tensor]:
         return [by_param[id(p)] for _, p in self.model.named_parameters() if id(p) in by_param]
@@ -360,6 +367,8 @@ class DPTrainer:
         """Apply all pending noise and remove every hook, so the model is a plain module again."""
         for table in self.tables:
             table.detach()
+        if self.noise is not None:
+            self.noise.close()
         for hooked in self.hooked:
             hooked.remove_hooks()
         for parameter in self.model.parameters():
