@@ -7,6 +7,11 @@ table of --users rows, --dim dims) trains on the same pre-drawn batches of
 --batch interactions (1 positive + --negatives sampled items each), and each
 method runs in its own fresh process so that its peak memory is its own:
 
+Each sample scores 1 positive against --negatives sampled items; with
+--negatives-mode shared (the default, and what fedtower's DP trainer does) the
+negatives are one set per step, so a step reads about B + M distinct item rows;
+per-sample negatives read about B x (1 + M).
+
 - nodp_dense:  plain autograd + SGD over the whole tables (context only)
 - nodp_sparse: sparse row updates, the best of `nn.Embedding(sparse=True)` + SGD
                and a hand-written touched-rows update (the non-private reference)
@@ -56,11 +61,15 @@ def worker(args) -> dict:
     n, users, batch = args.items[0], args.users, args.batch
     model = TwoTower(TwoTowerConfig(num_items=n, num_users=users, dim=args.dim))
     generator = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randint(0, users, (batch,), generator=generator),
-         torch.randint(0, n, (batch, 1 + args.negatives), generator=generator))
-        for _ in range(16)
-    ]  # fmt: skip
+    def candidates():
+        positives = torch.randint(0, n, (batch, 1), generator=generator)
+        if args.negatives_mode == "shared":  # as fedtower's DP trainer: one set per step
+            negatives = torch.randint(0, n, (1, args.negatives), generator=generator).expand(batch, -1)
+        else:
+            negatives = torch.randint(0, n, (batch, args.negatives), generator=generator)
+        return torch.cat([positives, negatives], dim=1)  # B x (1 + M)
+
+    batches = [(torch.randint(0, users, (batch,), generator=generator), candidates()) for _ in range(16)]
     no_history = torch.full((batch, 1), PAD, dtype=torch.long)
     tables = [model.item_tower.id_embedding, model.item_tower.bias, model.user_tower.embedding]
 
@@ -242,8 +251,8 @@ def client_worker(args) -> dict:
 # ------------------------------------------------------------------ driver
 def run_worker(args, method: str, items: int) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--items", str(items)]
-    for name in ("users", "batch", "dim", "negatives", "seconds", "min_steps", "warmup", "threads",
-                 "client_users", "client_steps"):  # fmt: skip
+    for name in ("users", "batch", "dim", "negatives", "negatives_mode", "seconds", "min_steps", "warmup",
+                 "threads", "client_users", "client_steps"):  # fmt: skip
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -258,6 +267,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--negatives", type=int, default=64)
+    parser.add_argument("--negatives-mode", choices=("shared", "per-sample"), default="shared",
+                        help="shared: one set of negatives per step (what fedtower's DP trainer does)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time each method at least this long")
     parser.add_argument("--min-steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
@@ -312,7 +323,7 @@ def main() -> None:
 
     print_table(results, file=sys.stderr)
     summary = {"batch": args.batch, "dim": args.dim, "users": args.users, "negatives": args.negatives,
-               "threads": args.threads, "results": results}  # fmt: skip
+               "negatives_mode": args.negatives_mode, "threads": args.threads, "results": results}  # fmt: skip
     for items, row in results.items():
         if items != "client":
             for key in ("ratio_dp_to_nodp", "opacus_ghost_ratio"):

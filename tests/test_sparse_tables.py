@@ -18,7 +18,6 @@ from fedtower.data.prepared import prepare_split
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.training import evaluate
 from fedtower.privacy.sparse_tables import (
-    GaussianStream,
     LazyNoiseTable,
     clip_factors,
     per_sample_row_grads,
@@ -79,33 +78,12 @@ def _rows_norms(ids, grads):
     return samples, row_grads.pow(2).sum(1)
 
 
-def test_gaussian_stream_is_the_generators_own_sequence_in_order():
-    # Prepare: the stream, drawn in odd sizes across its chunks, against the generator drawn directly.
-    stream = GaussianStream(torch.Generator().manual_seed(3), device=torch.device("cpu"), dtype=torch.float32,
-                            chunk=100, ahead=2)  # fmt: skip
-    expected = torch.empty(1000).normal_(generator=torch.Generator().manual_seed(3))
-    # Execute
-    got = torch.cat([stream.take(n) for n in (1, 99, 150, 7, 243, 500)])
-    stream.close()
-    # Assert: chunking changes nothing (each chunk is one normal_ call on the same generator).
-    chunked = torch.cat([torch.empty(100).normal_(generator=g) for g in [torch.Generator().manual_seed(3)]
-                         for _ in range(10)])  # fmt: skip
-    torch.testing.assert_close(got, chunked)
-    assert got.shape == expected.shape
-
-
-def test_clip_factors_match_opacus():
-    squared = torch.tensor([0.0, 0.25, 4.0])
-    torch.testing.assert_close(clip_factors(squared, 1.0), torch.tensor([1.0, 1.0, 1 / (2 + 1e-6)]))
-
-
 def test_unread_rows_get_the_summed_variance_of_every_step_they_missed():
     # Prepare: a table of 20,000 rows of zeros; 5 noise-only steps, then rows 0..9,999 are read
     # half-way (they get their noise then) and everything is released at the end.
     table = nn.Embedding(20_000, 1)
     nn.init.zeros_(table.weight)
-    lazy = LazyNoiseTable(table, noise=GaussianStream(torch.Generator().manual_seed(0), device=torch.device("cpu"),
-                                                      dtype=torch.float32))  # fmt: skip
+    lazy = LazyNoiseTable(table, generator=torch.Generator().manual_seed(0))
     lr, noise_std, batch = 0.5, 2.0, 4.0
     # Execute
     with torch.no_grad():
@@ -149,7 +127,7 @@ def test_with_noise_off_sparse_and_dense_reference_release_the_same_parameters(d
 def test_released_tables_match_the_dense_reference_in_distribution(data, unit):
     # Prepare: the same data, sampling and init; only the noise seed varies, 150 times per path.
     _, split = data
-    runs = 100
+    runs = 150
 
     def released(path):
         out = []
@@ -170,8 +148,10 @@ def test_released_tables_match_the_dense_reference_in_distribution(data, unit):
     assert float((z.abs() > 3.5).float().mean()) < 0.01
     assert abs(float(z.mean())) < 4 / math.sqrt(z.numel())
     log_ratio = (sparse.var(0) / dense.var(0)).log()
-    assert abs(float(log_ratio.mean())) < 0.04
-    assert float(log_ratio.abs().max()) < math.log(2.0)
+    ratio_sd = math.sqrt(4 / (runs - 1))  # sd of the log of a ratio of two sample variances
+    assert abs(float(log_ratio.mean())) < 4 * ratio_sd / math.sqrt(log_ratio.numel())
+    assert float((log_ratio.abs() > 3.5 * ratio_sd).float().mean()) < 0.01
+    assert float(log_ratio.abs().max()) < 5 * ratio_sd
     # ...and the noise is the bulk of it: the released std is the dense noise std, lr*sigma*C/B*sqrt(T).
     _, trainer = make_trainer(data, unit, path="sparse", noise=1.0)
     population = len(split.train) if unit == "user" else split.train.items.size
@@ -201,7 +181,7 @@ def test_every_read_sees_the_pending_noise(data):
     assert not torch.equal(vectors, before)  # what the forward saw already had the noise
     # state_dict (release to the server, checkpoints) applies all of it, on every table.
     state = model.item_tower_state()
-    assert all(t.pending_rows() == 0 for t in trainer.tables[:2])
+    assert all(t.pending_rows() == 0 for t in trainer.tables)
     assert torch.equal(state["item_tower.id_embedding.weight"], model.item_tower.id_embedding.weight)
     # Evaluation reads the whole catalogue through the forward: nothing owed afterwards either.
     trainer.step(split.train, samples)

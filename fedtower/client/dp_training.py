@@ -47,9 +47,8 @@ from opacus.optimizers import DPOptimizer
 
 from fedtower.config import check_embedding_path
 from fedtower.data.prepared import UserHistories
-from fedtower.models.losses import sample_negatives
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
-from fedtower.privacy.sparse_tables import GaussianStream, LazyNoiseTable, clip_factors, per_sample_row_grads
+from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors, per_sample_row_grads
 
 log = logging.getLogger("fedtower.client")
 # Opacus's full backward hooks warn when the inputs are integer ids (which never need gradients).
@@ -139,16 +138,16 @@ class DPTrainer:
             self.user_optimizer = RowAdam(user_table.weight, lr=config.lr, weight_decay=config.user_l2)
         else:
             self.user_optimizer = None
-        tables = [model.item_tower.id_embedding, model.item_tower.bias]
-        if config.unit == "interaction":
-            tables.append(user_table)
-        tables = [t for t in tables if t is not None]
+        # Tables read with the same ids share their lazy-noise bookkeeping (sparse path).
+        groups = [[t for t in (model.item_tower.id_embedding, model.item_tower.bias) if t is not None]]
+        if config.unit == "interaction" and user_table is not None:
+            groups.append([user_table])
+        tables = [t for group in groups for t in group]
         table_params = {id(t.weight) for t in tables}
         self.dense_params = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
         self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=config.lr) if self.dense_params else None
         if config.embedding_path == "sparse":
-            self.noise = GaussianStream(self.noise_generator, device=device, dtype=model.item_tower.id_embedding.weight.dtype)
-            self.tables = [LazyNoiseTable(t, noise=self.noise) for t in tables]
+            self.tables = [LazyNoiseTable(*group, generator=self.noise_generator) for group in groups]
             self.table_optimizer = None
             # Opacus computes per-sample gradients of the dense layers only; the tables are read
             # through their own hooks.
@@ -156,7 +155,7 @@ class DPTrainer:
             self.hooked = [GradSampleModule(m, loss_reduction="sum") for m in dense_modules]
             self.noise_engine = None
         else:
-            self.tables, self.noise = [], None
+            self.tables = []
             table_weights = [t.weight for t in tables]
             make = torch.optim.SGD if config.table_optimizer == "sgd" else torch.optim.Adam
             self.table_optimizer = make(table_weights, lr=config.table_lr)
@@ -194,49 +193,55 @@ class DPTrainer:
         key = (self.config.seed * 1_000_003 + self.step_index) * 10_000_019 + int(sample_id)
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
+    def _shared_negatives(self, device) -> torch.Tensor:
+        """This step's M negatives, shared by every sample in it: drawn from (seed, step) alone,
+        never from the data, so they add no sensitivity (and a step reads few distinct rows)."""
+        key = (self.config.seed * 1_000_003 + self.step_index) * 10_000_019 + 9_999_991
+        generator = torch.Generator().manual_seed(key % (2**63 - 1))
+        return torch.randint(self.model.config.num_items, (self.config.num_negatives,), generator=generator).to(device)
+
     def _user_batch(self, histories: UserHistories, rows: np.ndarray, device) -> tuple:
         cfg = self.config
-        histories_out, positives, negatives = [], [], []
+        histories_out, positives = [], []
         for u in rows:
             g = self._sample_generator(u)
             items, weights = torch.as_tensor(histories.items_of(u)), torch.as_tensor(histories.weights_of(u))
             one = drop_history(pad_histories([histories.items_of(u)], cfg.history_len), cfg.history_dropout, g)
             histories_out.append(one[0])
             positives.append(items[torch.multinomial(weights, cfg.positives, replacement=True, generator=g)])
-            negatives.append(sample_negatives(1, cfg.num_negatives, self.model.config.num_items, generator=g)[0])
         width = max((len(h) for h in histories_out), default=1)
         history = torch.full((len(rows), width), PAD, dtype=torch.long)
         for i, h in enumerate(histories_out):
             history[i, : len(h)] = h
         stack = (lambda xs, n: torch.stack(xs) if xs else torch.zeros((0, n), dtype=torch.long))  # noqa: E731
-        return (history.to(device), stack(positives, cfg.positives).to(device),
-                stack(negatives, cfg.num_negatives).to(device))  # fmt: skip
+        return history.to(device), stack(positives, cfg.positives).to(device)
 
     def _user_loss(self, histories: UserHistories, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-user loss summed over the batch, and the user-vector leaf (for the private update)."""
         device = self.model.item_tower.id_embedding.weight.device
-        history, positives, negatives = self._user_batch(histories, rows, device)
-        candidates = torch.cat([positives, negatives], dim=1)  # B x (P + M)
+        history, positives = self._user_batch(histories, rows, device)
+        negatives = self._shared_negatives(device)  # M
+        candidates = torch.cat([positives, negatives.expand(len(rows), -1)], dim=1)  # B x (P + M)
+        # A shared negative that is one of this user's positives is not a negative for them.
+        clash = (positives.unsqueeze(2) == negatives.view(1, 1, -1)).any(1)  # B x M
         user_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         free = None
         if self.model.user_tower.embedding is not None:
             free = self.model.user_tower.embedding.weight[user_rows].detach().clone().requires_grad_(True)
         scores = self.model(user_rows, history, candidates, free)  # B x (P + M)
-        per_user = _multi_positive_softmax(scores, self.config.positives)
+        per_user = _multi_positive_softmax(scores, self.config.positives, clash)
         return per_user.sum(), free
 
     def _interaction_loss(self, samples: InteractionSamples, rows: np.ndarray) -> torch.Tensor:
         device = self.model.item_tower.id_embedding.weight.device
-        items = torch.as_tensor(samples.items[rows], dtype=torch.long)
-        negatives = torch.stack([
-            sample_negatives(1, self.config.num_negatives, self.model.config.num_items,
-                             positives=items[i : i + 1], generator=self._sample_generator(row))[0]
-            for i, row in enumerate(rows)
-        ])  # fmt: skip
-        candidates = torch.cat([items.view(-1, 1), negatives], dim=1).to(device)
+        items = torch.as_tensor(samples.items[rows], dtype=torch.long, device=device)
+        negatives = self._shared_negatives(device)  # M
+        candidates = torch.cat([items.view(-1, 1), negatives.expand(len(rows), -1)], dim=1)  # B x (1 + M)
         user_rows = torch.as_tensor(samples.users[rows], dtype=torch.long, device=device)
         no_history = torch.full((len(rows), 1), PAD, dtype=torch.long, device=device)
         scores = self.model(user_rows, no_history, candidates)  # B x (1 + M)
+        clash = candidates[:, 1:] == items.view(-1, 1)  # the event's own item drawn as a negative
+        scores = torch.cat([scores[:, :1], scores[:, 1:].masked_fill(clash, float("-inf"))], dim=1)
         weights = torch.as_tensor(samples.weights[rows], device=device)
         return (-torch.log_softmax(scores, dim=-1)[:, 0] * weights).sum()
 
@@ -318,7 +323,7 @@ class DPTrainer:
             summed = torch.zeros_like(p)
             if batch and p.grad_sample is not None:
                 summed = torch.einsum("i,i...->...", clip, p.grad_sample)
-            noise = self.noise.take(p.numel()).view_as(p)
+            noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype)
             p.grad = (summed + noise_std * noise) / expected_batch
             p.grad_sample = None
 
@@ -326,11 +331,13 @@ class DPTrainer:
         """Dense per-sample gradients in `dp_names` order (test and audit only: O(B x table))."""
         by_param = {}
         for table, reads in zip(self.tables, per_table):
-            full = torch.zeros(batch, *table.weight.shape, device=table.weight.device)
-            if reads is not None:
-                samples, rows, row_grads = per_sample_row_grads(*reads, table.num_rows)
-                full.index_put_((samples, rows), row_grads, accumulate=True)
-            by_param[id(table.weight)] = full
+            for index, weight in enumerate(table.weights):
+                full = torch.zeros(batch, *weight.shape, device=weight.device)
+                if reads is not None:
+                    ids, grads = reads[0], reads[1][index]
+                    samples, rows, row_grads = per_sample_row_grads(ids, grads, table.num_rows)
+                    full.index_put_((samples, rows), row_grads, accumulate=True)
+                by_param[id(weight)] = full
         for p in self.dense_params:
             by_param[id(p)] = p.grad_sample if p.grad_sample is not None else torch.zeros(batch, *p.shape)
         per_sample = _flat(self._in_dp_order(by_param), batch)
@@ -367,8 +374,6 @@ class DPTrainer:
         """Apply all pending noise and remove every hook, so the model is a plain module again."""
         for table in self.tables:
             table.detach()
-        if self.noise is not None:
-            self.noise.close()
         for hooked in self.hooked:
             hooked.remove_hooks()
         for parameter in self.model.parameters():
@@ -417,8 +422,10 @@ class RowAdam:
         self.table[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
-def _multi_positive_softmax(scores: torch.Tensor, positives: int) -> torch.Tensor:
-    """Mean over each row's P positives of -log softmax(positive vs the row's negatives) -> B."""
-    pos, neg = scores[:, :positives], scores[:, positives:]  # B x P, B x M
+def _multi_positive_softmax(scores: torch.Tensor, positives: int, excluded: torch.Tensor) -> torch.Tensor:
+    """Mean over each row's P positives of -log softmax(positive vs the row's negatives) -> B.
+
+    `excluded` (B x M) marks negatives that are not negatives for that row."""
+    pos, neg = scores[:, :positives], scores[:, positives:].masked_fill(excluded, float("-inf"))  # B x P, B x M
     neg_lse = torch.logsumexp(neg, dim=-1, keepdim=True)  # B x 1
     return (torch.logaddexp(pos, neg_lse) - pos).mean(-1)

@@ -23,9 +23,6 @@ they are refused (`fedtower.config.check_embedding_path`), never approximated.
 
 from __future__ import annotations
 
-import queue
-import threading
-
 import torch
 import torch.nn as nn
 
@@ -73,82 +70,40 @@ def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Ten
     return (max_grad_norm / (squared_norms.sqrt() + 1e-6)).clamp(max=1.0)
 
 
-class GaussianStream:
-    """Independent N(0, 1) values from one generator, handed out in order.
-
-    PyTorch's CPU generator is serial (several ns a value), and a DP step needs
-    d values for every row it reads; on CPU a background thread draws them ahead
-    into a short queue, off the step's critical path. The values and their order
-    are the generator's own, so a seed reproduces a run. On CUDA they are drawn
-    on the device when asked.
-    """
-
-    def __init__(self, generator: torch.Generator, *, device: torch.device, dtype: torch.dtype,
-                 chunk: int = 1 << 18, ahead: int = 8):  # fmt: skip
-        self.generator, self.device, self.dtype, self.chunk = generator, torch.device(device), dtype, chunk
-        self._queue: queue.Queue | None = None
-        self._ahead = ahead
-        self._stop = threading.Event()
-        self._buffer = torch.empty(0, dtype=dtype)
-        self._offset = 0
-
-    def take(self, count: int) -> torch.Tensor:
-        if self.device.type != "cpu":
-            return torch.randn(count, generator=self.generator, device=self.device, dtype=self.dtype)
-        if self._queue is None:
-            self._start()
-        parts, needed = [], count
-        while needed > 0:
-            if self._offset == len(self._buffer):
-                self._buffer, self._offset = self._queue.get(), 0
-            part = self._buffer[self._offset : self._offset + needed]
-            parts.append(part)
-            self._offset += len(part)
-            needed -= len(part)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _start(self) -> None:
-        self._queue = queue.Queue(maxsize=self._ahead)
-        threading.Thread(target=self._fill, name="fedtower-dp-noise", daemon=True).start()
-
-    def _fill(self) -> None:
-        while not self._stop.is_set():
-            values = torch.empty(self.chunk, dtype=self.dtype).normal_(generator=self.generator)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(values, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 class LazyNoiseTable:
-    """An nn.Embedding trained by DP-SGD with noise drawn only when a row is read.
+    """Embedding tables trained by DP-SGD with noise drawn only when a row is read.
 
-    While attached, every read of the table goes through hooks: a forward pass
-    first applies the pending noise of the rows it reads, `state_dict()` first
-    applies all of it; `release()` applies all of it. In training mode the
-    forward's output is swapped for a leaf whose gradient gives the per-sample,
-    per-row gradients (the table's own `.grad` is never formed).
+    One instance owns tables that are always read with the same ids (the item
+    id embedding and the item bias): they share the bookkeeping of which row
+    owes how much noise, and the per-sample norms add over them.
+
+    While attached, every read goes through hooks: a forward pass first applies
+    the pending noise of the rows it reads, `state_dict()` first applies all of
+    it, and so does `release()`. In training mode the forward's output is
+    swapped for a leaf whose gradient gives the per-sample, per-row gradients
+    (the tables' own `.grad` is never formed).
     """
 
-    def __init__(self, embedding: nn.Embedding, *, noise: GaussianStream):
-        self.embedding = embedding
-        self.weight = embedding.weight
-        self.noise = noise
+    def __init__(self, *embeddings: nn.Embedding, generator: torch.Generator):
+        self.embeddings = list(embeddings)
+        self.weights = [e.weight for e in self.embeddings]
+        self.weight = self.weights[0]
+        self.generator = generator
         self.num_rows = self.weight.shape[0]
+        if any(w.shape[0] != self.num_rows for w in self.weights):
+            raise ValueError("Tables that share lazy noise must have the same number of rows.")
         # Cumulative noise variance of all steps so far, and how much of it each row has had.
         self.variance_so_far = 0.0
         self.row_variance = torch.zeros(self.num_rows, dtype=torch.float64, device=self.weight.device)
-        self.reads: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._hooks = [
-            embedding.register_forward_pre_hook(self._before_read),
-            embedding.register_forward_hook(self._capture),
-            embedding.register_state_dict_pre_hook(lambda *_: self.release()),
-        ]
+        self.reads: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.embeddings]
+        self._noised = (None, -1, -1.0)  # (ids, its version, variance) last brought up to date
+        self._hooks = []
+        for index, embedding in enumerate(self.embeddings):
+            self._hooks += [
+                embedding.register_forward_pre_hook(self._before_read),
+                embedding.register_forward_hook(lambda m, a, o, i=index: self._capture(i, m, a, o)),
+                embedding.register_state_dict_pre_hook(lambda *_: self.release()),
+            ]
 
     # ------------------------------------------------------------ reading rows
     @torch.no_grad()
@@ -156,15 +111,17 @@ class LazyNoiseTable:
         """Add the noise each of `rows` (distinct ids) is owed, drawn once with the summed variance."""
         if rows.numel() == 0 or self.variance_so_far == 0.0:
             return
-        pending = (self.variance_so_far - self.row_variance.index_select(0, rows)).clamp_(min=0.0)
-        noise = self.noise.take(rows.numel() * self.weight.shape[1]).view(len(rows), -1)
-        noise = noise * pending.sqrt().to(self.weight.dtype).unsqueeze(1)  # rows owing nothing get 0
-        self.weight.index_add_(0, rows, noise)
+        std = (self.variance_so_far - self.row_variance.index_select(0, rows)).clamp_(min=0.0).sqrt_()
+        std = std.to(self.weight.dtype).unsqueeze(1)  # rows owing nothing get 0
+        for weight in self.weights:
+            noise = torch.randn(len(rows), weight.shape[1], generator=self.generator,
+                                device=weight.device, dtype=weight.dtype)  # fmt: skip
+            weight.index_add_(0, rows, noise.mul_(std))
         self.row_variance.index_fill_(0, rows, self.variance_so_far)
 
     @torch.no_grad()
     def release(self) -> None:
-        """Apply all pending noise (before the table is evaluated, saved or sent)."""
+        """Apply all pending noise (before the tables are evaluated, saved or sent)."""
         for start in range(0, self.num_rows, FLUSH_CHUNK_ROWS):
             rows = torch.arange(start, min(start + FLUSH_CHUNK_ROWS, self.num_rows), device=self.weight.device)
             self.apply_pending(rows)
@@ -174,28 +131,48 @@ class LazyNoiseTable:
         return int((self.row_variance < self.variance_so_far).sum())
 
     def _before_read(self, module, args):
-        self.apply_pending(torch.unique(args[0]).clamp(min=0))
+        ids = args[0]
+        last, version, variance = self._noised
+        if ids is last and ids._version == version and variance == self.variance_so_far:
+            return  # the same ids were just brought up to date (the bias read after the id table)
+        self.apply_pending(torch.unique(ids).clamp(min=0))
+        self._noised = (ids, ids._version, self.variance_so_far)
 
-    def _capture(self, module, args, output):
+    def _capture(self, index, module, args, output):
         if not (module.training and torch.is_grad_enabled()):
             return None
         leaf = output.detach().requires_grad_(True)
-        self.reads.append((args[0], leaf))
+        self.reads[index].append((args[0], leaf))
         return leaf
 
     # ----------------------------------------------------------- one DP step
-    def batch_reads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's reads: ids B x S and the loss gradient at each, B x S x d (None if none)."""
-        reads = [(ids, leaf) for ids, leaf in self.reads if leaf.grad is not None]
-        if not reads:
+    def batch_reads(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """This step's reads: ids B x S, and for each table the loss gradient at each read,
+        B x S x d; None if nothing was read."""
+        first = self.reads[0]
+        if not first or all(leaf.grad is None for reads in self.reads for _, leaf in reads):
             return None
-        batch = reads[0][0].shape[0]
-        ids = torch.cat([i.reshape(batch, -1) for i, _ in reads], dim=1)
-        grads = torch.cat([g.grad.reshape(batch, -1, g.shape[-1]) for _, g in reads], dim=1)
-        return ids, grads
+        if any(len(reads) != len(first) or any(i is not j for (i, _), (j, _) in zip(reads, first))
+               for reads in self.reads):  # fmt: skip
+            raise RuntimeError("Tables that share lazy noise were read with different ids.")
+        batch = first[0][0].shape[0]
+        ids = torch.cat([i.reshape(batch, -1) for i, _ in first], dim=1) if len(first) > 1 \
+            else first[0][0].reshape(batch, -1)  # fmt: skip
+        per_table = []
+        for reads in self.reads:
+            grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in reads]
+            grads = [g.reshape(batch, -1, g.shape[-1]) for g in grads]
+            per_table.append(torch.cat(grads, dim=1) if len(grads) > 1 else grads[0])
+        return ids, per_table
 
-    def squared_norms(self, reads: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return per_sample_squared_norms(*reads, self.num_rows)
+    def squared_norms(self, reads: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+        """Per-sample squared norms of the gradient on all these tables -> B."""
+        ids, per_table = reads
+        batch, width = ids.shape
+        repeats = width > 1 and int((ids.unsqueeze(2) == ids.unsqueeze(1)).sum()) > batch * width
+        if not repeats:  # every sample read distinct rows: the norm is the sum over its reads
+            return sum(g.pow(2).sum((1, 2)) for g in per_table)
+        return sum(per_sample_squared_norms(ids, g, self.num_rows) for g in per_table)
 
     @torch.no_grad()
     def step(self, reads, clip: torch.Tensor | None, *, lr: float, noise_std: float,
@@ -206,17 +183,18 @@ class LazyNoiseTable:
         (read or not) is owed, and drawn when the row is next read.
         """
         if reads is not None:
-            ids, grads = reads
-            clipped = grads * clip.view(-1, 1, 1)  # B x S x d
-            self.weight.index_add_(0, ids.flatten(), clipped.reshape(-1, grads.shape[-1]),
-                                   alpha=-lr / batch_divisor)  # fmt: skip
+            ids, per_table = reads
+            flat_ids, scale = ids.flatten(), clip.view(-1, 1, 1)
+            for weight, grads in zip(self.weights, per_table):
+                weight.index_add_(0, flat_ids, (grads * scale).view(-1, weight.shape[1]), alpha=-lr / batch_divisor)
         self.variance_so_far += (lr * noise_std / batch_divisor) ** 2
-        self.reads.clear()
+        self.reads = [[] for _ in self.embeddings]
 
     def detach(self) -> None:
-        """Apply every pending noise and remove the hooks: the table is a plain embedding again."""
+        """Apply every pending noise and remove the hooks: the tables are plain embeddings again."""
         self.release()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.reads.clear()
+        self.reads = [[] for _ in self.embeddings]
+        self._noised = (None, -1, -1.0)
