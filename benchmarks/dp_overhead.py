@@ -303,8 +303,9 @@ def main() -> None:
         if "steps_per_s" in nodp and "steps_per_s" in dp:
             row["ratio_dp_to_nodp"] = nodp["steps_per_s"] / dp["steps_per_s"]  # step-time ratio
             row["memory_ratio_dp_to_nodp"] = dp["peak_rss_mib"] / nodp["peak_rss_mib"]
-            row["extra_memory_ratio_dp_to_nodp"] = (dp["peak_rss_mib"] - dp["base_rss_mib"]) / max(
-                1e-9, nodp["peak_rss_mib"] - nodp["base_rss_mib"])  # fmt: skip
+            # Growth during training, over the model and batches already in memory.
+            row["training_growth_mib"] = {m: row[m]["peak_rss_mib"] - row[m]["base_rss_mib"]
+                                          for m in METHODS if "peak_rss_mib" in row[m]}  # fmt: skip
             ghost = row["opacus_ghost"]
             if "steps_per_s" in ghost:
                 row["opacus_ghost_ratio"] = nodp["steps_per_s"] / ghost["steps_per_s"]
