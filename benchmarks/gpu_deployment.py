@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--keep-logs", default="", help="copy every process's log into this folder")
     args = parser.parse_args(argv)
+    # `timeout` sends SIGTERM: exit through Python so the deployment's teardown stops every Flower process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = []
     for mode in args.modes:
         for device in args.devices:

@@ -106,27 +106,6 @@ def run_one(args, device: str, mode: str, root: Path) -> dict:
     return result
 
 
-def patch_dp_generator() -> None:
-    """Measurement aid only: give Opacus's DPOptimizer a noise generator on the parameters' device.
-
-    fedtower.client.dp_training passes a CPU torch.Generator; Opacus draws the noise with
-    torch.normal(..., device=param.device, generator=generator), which refuses a CPU generator
-    for CUDA tensors. This swaps in a generator with the same seed on the right device.
-    """
-    import fedtower.client.dp_training as dp_training
-
-    base = dp_training.DPOptimizer
-
-    class DeviceGeneratorDPOptimizer(base):
-        def __init__(self, optimizer, *a, generator=None, **kw):
-            device = optimizer.param_groups[0]["params"][0].device
-            if generator is not None and generator.device != device:
-                generator = torch.Generator(device=device).manual_seed(generator.initial_seed())
-            super().__init__(optimizer, *a, generator=generator, **kw)
-
-    dp_training.DPOptimizer = DeviceGeneratorDPOptimizer
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic")
@@ -138,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--override", action="append", default=[], metavar="MODE=JSON",
-                        help='extra run config for one mode, e.g. dp-interaction={"dp-batch-size": 64}')
-    parser.add_argument("--patch-dp-generator", action="store_true",
-                        help="after the plain DP runs on CUDA, run them again with a device-side noise generator")
+                        help='extra run config for one mode, e.g. dp-interaction={"dp-batch-size": 64}')  # fmt: skip
     args = parser.parse_args(argv)
     args.overrides = dict(item.split("=", 1) for item in args.override)
     if "cuda" in args.devices:
@@ -151,19 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             for device in args.devices:
-                runs.append(run_one(args, device, mode, Path(tmp)))
-        if args.patch_dp_generator and "cuda" in args.devices:
-            patch_dp_generator()
-            for mode in [m for m in args.modes if m != "nodp"]:
-                run = run_one(args, "cuda", mode, Path(tmp) / "patched")
-                run["patched_dp_generator"] = True
+                run = run_one(args, device, mode, Path(tmp))
                 runs.append(run)
-    for run in runs:
-        figures = {k: run.get(k) for k in ("round_seconds", "median_round_seconds_after_first", "eval_seconds",
-                                          "ndcg@20", "cuda_peak_mib")}  # fmt: skip
-        tag = " (patched generator)" if run.get("patched_dp_generator") else ""
-        print(f"{run['device']:>4} {run['mode']:<15}{tag} "
-              f"{'ok' if run['ok'] else 'FAILED: ' + run['error'][:200]} {figures}")  # fmt: skip
+                # Printed as soon as it is known: a run cut off later does not lose this one.
+                figures = {k: run.get(k) for k in ("round_seconds", "median_round_seconds_after_first",
+                                                  "eval_seconds", "ndcg@20", "recall@20", "cuda_peak_mib")}  # fmt: skip
+                print(f"{device:>4} {mode:<15} {'ok' if run['ok'] else 'FAILED: ' + run['error'][:200]} "
+                      f"{figures}", flush=True)  # fmt: skip
     summary = {"data": args.data, "sites": args.sites, "rounds": args.rounds, "dim": args.dim,
                "local_epochs": args.local_epochs, "torch": torch.__version__,
                "cpu_threads": torch.get_num_threads(), "runs": runs}  # fmt: skip

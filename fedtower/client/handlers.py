@@ -223,6 +223,7 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
     load_global_item_tower(model, message.content["arrays"])
     load_user_embeddings(model, data.users, state.load("users", default=None))
     interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
+    model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
     sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
                     pool_history=not interaction_dp)  # fmt: skip
     payload = sums.to_dict()
