@@ -20,7 +20,10 @@ import sys
 import tempfile
 import time
 
+from fedtower.central import popularity_baseline
 from fedtower.config import RunSettings
+from fedtower.data.prepared import prepare_split
+from fedtower.data.sources import resolve_dataset
 from fedtower.simulations.runner import simulate
 
 
@@ -37,6 +40,12 @@ def federated(base: dict, name: str, out: str, **dp) -> dict:
             "seconds": time.perf_counter() - started}  # fmt: skip
 
 
+def popularity_ndcg(data: str) -> float:
+    """Most-popular-first over the whole training data (a central reference, for context only)."""
+    dataset, _ = resolve_dataset(data)
+    return popularity_baseline(prepare_split(dataset)).finalize()["ndcg@20"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic")
@@ -49,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dp-batch-size", type=int, default=16)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--dp-table-lr", type=float, default=0.5, help="SGD step on the embedding tables")
+    parser.add_argument("--embedding-path", choices=("sparse", "opacus"), default="sparse")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -56,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     base = {"data": args.data, "partitioning": "sites", "num-sites": args.sites, "num-server-rounds": args.rounds,
             "local-epochs": args.local_epochs, "lr": args.lr, "dim": args.dim, "eval-every": args.rounds,
             "privacy-unit": args.unit, "dp-batch-size": args.dp_batch_size,
-            "max-grad-norm": args.max_grad_norm}  # fmt: skip
+            "max-grad-norm": args.max_grad_norm, "dp-table-lr": args.dp_table_lr,
+            "dp-embedding-path": args.embedding_path}  # fmt: skip
+    popularity = popularity_ndcg(args.data)
+    print(f"popularity (central reference): ndcg@20 {popularity:.4f}", file=sys.stderr)
     twin = federated(base, "non-private", out)
     print(f"non-private twin: ndcg@20 {twin['ndcg@20']:.4f}  ({twin['seconds']:.0f}s)", file=sys.stderr)
     curve = []
@@ -67,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"epsilon {epsilon:g}: ndcg@20 {point['ndcg@20']:.4f} ratio {point['ratio']:.3f} "
               f"spent {point['epsilon_spent']:.3f} ({point['seconds']:.0f}s)", file=sys.stderr)  # fmt: skip
     result = {"data": args.data, "unit": args.unit, "sites": args.sites, "rounds": args.rounds,
-              "local_epochs": args.local_epochs, "non_private": twin, "curve": curve}  # fmt: skip
+              "local_epochs": args.local_epochs, "dim": args.dim, "dp_batch_size": args.dp_batch_size,
+              "dp_table_lr": args.dp_table_lr, "embedding_path": args.embedding_path,
+              "popularity_ndcg@20": popularity, "non_private": twin, "curve": curve}  # fmt: skip
     if len(curve) == 1:
         result.update({k: curve[0][k] for k in ("ndcg@20", "recall@20", "ratio", "epsilon_spent")})
     print(json.dumps(result))
