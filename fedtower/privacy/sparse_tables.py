@@ -135,7 +135,7 @@ class LazyNoiseTable:
         last, version, variance = self._noised
         if ids is last and ids._version == version and variance == self.variance_so_far:
             return  # the same ids were just brought up to date (the bias read after the id table)
-        self.apply_pending(torch.unique(ids).clamp(min=0))
+        self.apply_pending(torch.unique(ids))
         self._noised = (ids, ids._version, self.variance_so_far)
 
     def _capture(self, index, module, args, output):
@@ -185,7 +185,8 @@ class LazyNoiseTable:
             ids, per_table = reads
             flat_ids, scale = ids.flatten(), clip.view(-1, 1, 1)
             for weight, grads in zip(self.weights, per_table):
-                weight.index_add_(0, flat_ids, (grads * scale).view(-1, weight.shape[1]), alpha=-lr / batch_divisor)
+                clipped = grads.mul_(scale)  # in place: this step is the gradients' last use
+                weight.index_add_(0, flat_ids, clipped.view(-1, weight.shape[1]), alpha=-lr / batch_divisor)
         self.variance_so_far += (lr * noise_std / batch_divisor) ** 2
         self.reads = [[] for _ in self.embeddings]
 
