@@ -59,8 +59,10 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     n, users, batch = args.items[0], args.users, args.batch
-    model = TwoTower(TwoTowerConfig(num_items=n, num_users=users, dim=args.dim))
+    device = torch.device(args.device)
+    model = TwoTower(TwoTowerConfig(num_items=n, num_users=users, dim=args.dim)).to(device)
     generator = torch.Generator().manual_seed(1)
+
     def candidates():
         positives = torch.randint(0, n, (batch, 1), generator=generator)
         if args.negatives_mode == "shared":  # as fedtower's DP trainer: one set per step
@@ -69,8 +71,9 @@ def worker(args) -> dict:
             negatives = torch.randint(0, n, (batch, args.negatives), generator=generator)
         return torch.cat([positives, negatives], dim=1)  # B x (1 + M)
 
-    batches = [(torch.randint(0, users, (batch,), generator=generator), candidates()) for _ in range(16)]
-    no_history = torch.full((batch, 1), PAD, dtype=torch.long)
+    batches = [(torch.randint(0, users, (batch,), generator=generator).to(device), candidates().to(device))
+               for _ in range(16)]  # fmt: skip
+    no_history = torch.full((batch, 1), PAD, dtype=torch.long, device=device)
     tables = [model.item_tower.id_embedding, model.item_tower.bias, model.user_tower.embedding]
 
     def per_sample_loss(users_, candidates):
@@ -124,18 +127,26 @@ def worker(args) -> dict:
     else:
         raise SystemExit(f"unknown method {method!r}")
 
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = rss_mib()
     for i in range(args.warmup):
         step(*batches[i % len(batches)])
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated() / 2**20
     done, started = 0, time.perf_counter()
     while done < args.min_steps or time.perf_counter() - started < args.seconds:
         step(*batches[done % len(batches)])
         done += 1
+    sync()
     elapsed = time.perf_counter() - started
     if method == "dp_sparse":
         pending = sum(t.pending_rows() for t in trainer.tables)
         t0 = time.perf_counter()
         trainer.release()
+        sync()
         release_seconds = time.perf_counter() - t0
     result = {
         "method": method, "items": n, "steps": done, "seconds": elapsed, "steps_per_s": done / elapsed,
@@ -143,6 +154,9 @@ def worker(args) -> dict:
     }  # fmt: skip
     if release_seconds is not None:
         result.update(release_seconds=release_seconds, rows_released=pending)
+    if cuda:
+        result.update(device=torch.cuda.get_device_name(), base_gpu_mib=base_gpu,
+                      peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20)  # fmt: skip
     if method == "nodp_sparse":
         result["variant"] = step.variant
     return result
@@ -186,6 +200,8 @@ def _best_sparse_step(model, tables, per_sample_loss, batches, torch):
         t0 = time.perf_counter()
         for i in range(20):
             step(*batches[i % len(batches)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         for h in hooks:
             h.remove()
         return time.perf_counter() - t0
@@ -252,7 +268,7 @@ def client_worker(args) -> dict:
 def run_worker(args, method: str, items: int) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--items", str(items)]
     for name in ("users", "batch", "dim", "negatives", "negatives_mode", "seconds", "min_steps", "warmup",
-                 "threads", "client_users", "client_steps"):  # fmt: skip
+                 "threads", "client_users", "client_steps", "device"):  # fmt: skip
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -276,6 +292,7 @@ def main() -> None:
     parser.add_argument("--client-users", type=int, default=2000)
     parser.add_argument("--client-steps", type=int, default=200)
     parser.add_argument("--skip-client", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory is then reported too)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "dp_client":
@@ -323,7 +340,7 @@ def main() -> None:
         print(f"[{largest:>9,} items] DP client round: {c}", file=sys.stderr)
 
     print_table(results, file=sys.stderr)
-    summary = {"batch": args.batch, "dim": args.dim, "users": args.users, "negatives": args.negatives,
+    summary = {"device": args.device, "batch": args.batch, "dim": args.dim, "users": args.users, "negatives": args.negatives,
                "negatives_mode": args.negatives_mode, "threads": args.threads, "results": results}  # fmt: skip
     for items, row in results.items():
         if items != "client":
