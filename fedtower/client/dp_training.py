@@ -55,6 +55,7 @@ log = logging.getLogger("fedtower.client")
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 UNITS = ("user", "interaction")
+NEGATIVES_STREAM = 0x6E65_6773  # "negs": tags the shared-negatives random stream
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,11 @@ class DPTrainer:
     def _shared_negatives(self, device) -> torch.Tensor:
         """This step's M negatives, shared by every sample in it: drawn from (seed, step) alone,
         never from the data, so they add no sensitivity (and a step reads few distinct rows)."""
-        key = (self.config.seed * 1_000_003 + self.step_index) * 10_000_019 + 9_999_991
-        generator = torch.Generator().manual_seed(key % (2**63 - 1))
-        return torch.randint(self.model.config.num_items, (self.config.num_negatives,), generator=generator).to(device)
+        # A key space of its own (sample keys are (seed, step, sample id)).
+        key = np.random.SeedSequence([NEGATIVES_STREAM, self.config.seed, self.step_index]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(key))
+        negatives = torch.randint(self.model.config.num_items, (self.config.num_negatives,), generator=generator)
+        return negatives.to(device)
 
     def _user_batch(self, histories: UserHistories, rows: np.ndarray, device) -> tuple:
         cfg = self.config
