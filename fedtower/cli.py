@@ -11,6 +11,9 @@ from typing import Annotated
 import typer
 
 from fedtower import __version__
+from fedtower.cli_recommend import recommend as _recommend_command
+from fedtower.cli_serve import serve
+from fedtower.cli_state import state_app
 
 app = typer.Typer(
     help=(
@@ -23,6 +26,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect, validate and generate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.command("recommend")(_recommend_command)  # serving from a client's state (fedtower/cli_recommend.py)
+app.add_typer(state_app, name="state")  # keygen, encrypt, rotate-key, verify (fedtower/cli_state.py)
+app.command("serve")(serve)  # the local HTTP API (fedtower/cli_serve.py)
 
 DataOption = Annotated[
     str,

@@ -21,11 +21,13 @@ from fedtower.client.local import (
     load_node_data,
     load_user_embeddings,
     pick_device,
+    serving_meta,
     state_dir_of,
     user_embeddings_payload,
 )
 from fedtower.client.private_round import load_accountant, plan_round, train_private_round
 from fedtower.client.state import ClientStateStore, StateError
+from fedtower.client.state_crypto import StateKeyError, resolve_state_key
 from fedtower.config import RunSettings
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
@@ -57,7 +59,11 @@ def open_state(settings: RunSettings, context: Context) -> ClientStateStore:
             f"The node's state-dir {state_dir} does not exist. Create it once when setting up the "
             "site (mkdir -m 700); if it existed before, restore it from backup instead."
         )
-    return ClientStateStore(state_dir, create=may_create)
+    try:  # node config `state-key-file`, else FEDTOWER_STATE_KEY(_FILE); a bad key fails here
+        key = resolve_state_key(context.node_config)
+    except StateKeyError as err:
+        raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
+    return ClientStateStore(state_dir, create=may_create, key=key)
 
 
 def load_global_item_tower(model: TwoTower, arrays: ArrayRecord) -> None:
@@ -107,6 +113,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
     load_user_embeddings(model, data.users, state.load("users", default=None))
     meta = state.load("meta", default={}) or {}
+    meta = {**meta, "serving": serving_meta(settings, context.node_config)}  # lets `fedtower recommend` find the data
     if settings.dp_enabled:
         return _train_private(message, context, settings, state, data, model, global_snapshot, meta,
                               server_round, device)  # fmt: skip
@@ -226,6 +233,8 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
     model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
     sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
                     pool_history=not interaction_dp)  # fmt: skip
+    if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
+        state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
     payload = sums.to_dict()
     payload["num-examples"] = max(sums.users, 1)
     return Message(content=RecordDict({"metrics": MetricRecord(payload)}), reply_to=message)

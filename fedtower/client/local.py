@@ -13,10 +13,13 @@ from pathlib import Path
 
 import torch
 
+from fedtower.client.events import EventLog, merge_events
+from fedtower.client.state import ClientStateStore, StateError
+from fedtower.client.state_crypto import StateKeyError, resolve_state_key
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
 from fedtower.data.prepared import PreparedSplit, prepare_split
-from fedtower.data.schema import Catalogue, Dataset
+from fedtower.data.schema import Catalogue, Dataset, empty_events
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
 from fedtower.simulations.partition import PartitionConfig, partition_events
@@ -66,6 +69,7 @@ def load_node_data(settings: RunSettings, node_config: dict) -> NodeData:
         if report.rows_skipped:
             # Unknown items and bad rows are reported, never silently dropped.
             log.warning("Local data validation: %s", report.summary(max_issues=10))
+        events = merge_events(events, _recorded_events(settings, node_config, dataset.catalogue))
         if events.empty:
             raise ValueError(f"The node's data ({path}) holds no valid events.")
         local = Dataset(dataset.catalogue, events, name=str(path))
@@ -75,7 +79,15 @@ def load_node_data(settings: RunSettings, node_config: dict) -> NodeData:
         default = settings.num_sites if settings.partitioning == "sites" else 0  # 0: one per user
         num_partitions = int(node_config.get("num-partitions", default))
         config = partition_config(settings, num_partitions)
-        return _cached_partition(settings.data, config, partition_id)
+        dataset = cached_dataset(settings.data)
+        recorded = _recorded_events(settings, node_config, dataset.catalogue)
+        if recorded.empty:
+            return _cached_partition(settings.data, config, partition_id)
+        # Events recorded while serving are the site's own data: train on them next round.
+        local = _partition_dataset(settings.data, config, partition_id)
+        merged = Dataset(local.catalogue, merge_events(local.events, recorded), name=local.name)
+        source = f"{settings.data} partition {partition_id}/{config.num_partitions} + event log"
+        return NodeData(dataset.catalogue, prepare_split(merged), source)
     raise ValueError(
         "This node has neither `data-path` (deployment) nor `partition-id` (simulation) in its "
         "node config, so it has no data to train on."
@@ -87,10 +99,34 @@ def _cached_partition(spec: str, config: PartitionConfig, partition_id: int) -> 
     """A simulated node's split; a Ray worker serves many messages, so compute it once."""
     dataset = cached_dataset(spec)
     source = f"{spec} partition {partition_id}/{config.num_partitions}"
-    local = partition_events(dataset, config, partition_id)
-    if local.events.empty:
-        raise ValueError(f"The node's data ({source}) holds no valid events.")
+    local = _partition_dataset(spec, config, partition_id)
     return NodeData(dataset.catalogue, prepare_split(local), source)
+
+
+def _partition_dataset(spec: str, config: PartitionConfig, partition_id: int) -> Dataset:
+    local = partition_events(cached_dataset(spec), config, partition_id)
+    if local.events.empty:
+        source = f"{spec} partition {partition_id}/{config.num_partitions}"
+        raise ValueError(f"The node's data ({source}) holds no valid events.")
+    return local
+
+
+def _recorded_events(settings: RunSettings, node_config: dict, catalogue: Catalogue):
+    """Events recorded while serving (the state's event log), validated; empty when none."""
+    try:
+        state_dir, _ = state_dir_of(settings, node_config)
+    except ValueError:
+        return empty_events()
+    if not any(state_dir.glob("events*.jsonl")):
+        return empty_events()
+    try:  # the same key as the node's state (node config `state-key-file`, or the environment)
+        key = resolve_state_key(node_config)
+    except StateKeyError as err:
+        raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
+    events, report = EventLog(ClientStateStore(state_dir, create=False, key=key)).load(catalogue)
+    if report.rows_skipped:
+        log.warning("Event log validation: %s", report.summary(max_issues=10))
+    return events
 
 
 def state_dir_of(settings: RunSettings, node_config: dict) -> tuple[Path, bool]:
@@ -152,3 +188,15 @@ def load_user_embeddings(model: TwoTower, users: list[str], saved: dict | None) 
 def user_embeddings_payload(model: TwoTower, users: list[str]) -> dict:
     weight = model.user_tower.embedding.weight.detach().cpu().clone()
     return {"users": list(users), "embeddings": weight}
+
+
+def serving_meta(settings: RunSettings, node_config: dict) -> dict:
+    """What serving needs to rebuild this node's model and data from its state dir alone.
+
+    Public settings only (the run config and where the node's data lives), kept in meta.
+    """
+    keep = ("data-path", "partition-id", "num-partitions")
+    return {
+        "run_config": settings.to_run_config(),
+        "node_config": {k: node_config[k] for k in keep if k in node_config},
+    }

@@ -17,6 +17,15 @@ previous files. Files of the previous generation survive one more save.
 Readers check every component against the manifest's sha256. Anything missing
 or corrupt is a StateError, never an empty state: an empty state would reset
 the privacy accountant and let ε restart from zero.
+
+With a state key (see state_crypto), the store is encrypted at rest: every
+component file and every log line is AES-GCM ciphertext whose associated data
+names the store, the component (or log) and its generation, the manifest
+carries an HMAC, and the logs live in `ledger.e<epoch>.jsonl` for the key
+epoch the manifest names. A store that was encrypted is never read or written
+in plaintext, and a keyed client refuses a plaintext store (`fedtower state
+encrypt` converts one). `rekey()` re-encrypts everything under a new key as
+one new generation, committed by the manifest replace like any other save.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +47,14 @@ from pathlib import Path
 
 import torch
 
+from fedtower.client.state_crypto import (
+    SCHEME,
+    AuthenticationFailed,
+    StateCipher,
+    StateKey,
+    StateKeyError,
+    resolve_state_key,
+)
 from fedtower.data.schema import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -61,12 +79,17 @@ COMPONENT_KINDS: dict[str, str] = {
     "meta": "json",  # counters: rounds_trained, last_round, run_id, ...
 }
 
+# Append-only logs kept next to the components (outside the manifest's generations).
+LOG_NAMES: tuple[str, ...] = ("ledger", "events")  # privacy ledger; the local event log for serving
+
 # Losing these after training would silently reset ε or the users' embeddings.
 REQUIRED_WHEN_TRAINED: tuple[str, ...] = ("users", "accountant")
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _COMPONENT_FILE = re.compile(r"(?P<name>[a-z][a-z0-9_]*)\.(?P<version>\d+)\.(?P<suffix>pt|json)")
 _TEMP_FILE = re.compile(r"\..+\.tmp")
+_PLAIN_LOG_FILE = re.compile(r"(?P<name>[a-z][a-z0-9_]*)\.jsonl")
+_SEALED_LOG_FILE = re.compile(r"(?P<name>[a-z][a-z0-9_]*)\.e(?P<epoch>\d+)\.jsonl")
 
 
 class StateError(RuntimeError):
@@ -81,13 +104,28 @@ class _Missing:
 MISSING = _Missing()
 
 
+class _FromEnvironment:
+    def __repr__(self) -> str:
+        return "KEY_FROM_ENVIRONMENT"
+
+
+# Default for ClientStateStore(key=...): the key in FEDTOWER_STATE_KEY(_FILE), if any.
+KEY_FROM_ENVIRONMENT = _FromEnvironment()
+
+
 @dataclass(frozen=True)
 class _Manifest:
     version: int
     components: dict[str, dict]  # name -> {"file", "kind", "sha256", "bytes", "version"}
+    encryption: dict | None = None  # {"scheme", "key_id", "store_id", "epoch"}; None: plaintext
 
     def files(self) -> set[str]:
         return {entry["file"] for entry in self.components.values()}
+
+    def log_file(self, name: str) -> str:
+        if self.encryption is None:
+            return f"{name}.jsonl"
+        return f"{name}.e{self.encryption['epoch']}.jsonl"
 
 
 def _sha256(data: bytes) -> str:
@@ -108,9 +146,17 @@ class ClientStateStore:
         create: bool = True,
         kinds: Mapping[str, str] | None = None,
         lock_timeout: float = 30.0,
+        key: StateKey | None | _FromEnvironment = KEY_FROM_ENVIRONMENT,
     ):
+        """`key`: the site's state key; by default the one in the environment, None for no key."""
         self.state_dir = Path(state_dir).expanduser()
         self.lock_timeout = float(lock_timeout)
+        if key is KEY_FROM_ENVIRONMENT:
+            try:
+                key = resolve_state_key()
+            except StateKeyError as err:
+                raise StateError(f"State dir {self.state_dir}: {err}") from None
+        self._cipher: StateCipher | None = key.cipher() if key is not None else None
         self.kinds = dict(COMPONENT_KINDS)
         for name, kind in (kinds or {}).items():
             if not _NAME.fullmatch(name):
@@ -145,7 +191,24 @@ class ClientStateStore:
 
     @property
     def ledger_path(self) -> Path:
-        return self.state_dir / LEDGER_FILE
+        return self.log_path("ledger")
+
+    def log_path(self, name: str) -> Path:
+        """Where log `name` lives now (its file name depends on the key epoch when encrypted)."""
+        with self._lock(exclusive=False):
+            return self.state_dir / self._log_file(name, self._read_manifest())
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the saved state is encrypted (a new store is, when a key is configured)."""
+        with self._lock(exclusive=False):
+            manifest = self._read_manifest()
+        return manifest.encryption is not None if manifest else self._cipher is not None
+
+    @property
+    def key_id(self) -> str | None:
+        """Public id of the key this store was opened with; None without a key."""
+        return self._cipher.key_id if self._cipher else None
 
     @contextmanager
     def _lock(self, *, exclusive: bool) -> Iterator[None]:
@@ -199,6 +262,7 @@ class ClientStateStore:
         if not isinstance(body, dict):
             raise ValueError("it is not a JSON object")
         checksum = body.pop("checksum")
+        mac = body.pop("mac", None)
         if checksum != _sha256(_canonical_json(body)):
             raise ValueError("checksum mismatch over its own contents")
         if body["format"] != MANIFEST_FORMAT:
@@ -214,7 +278,35 @@ class ClientStateStore:
                 raise ValueError(f"component {name!r} names an unexpected file {entry['file']!r}")
             if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
                 raise ValueError(f"component {name!r} has no valid sha256")
-        return _Manifest(version=version, components=components)
+        encryption = body.get("encryption")
+        if encryption is not None:
+            if encryption.get("scheme") != SCHEME or not isinstance(encryption.get("epoch"), int):
+                raise ValueError(f"its encryption block {encryption!r} is not {SCHEME} with an integer epoch")
+            self._check_key(encryption, body, mac)
+        elif self._cipher is not None:
+            raise StateError(
+                f"State dir {self.state_dir} is not encrypted ({MANIFEST_FILE} has no encryption block), but "
+                f"a state key (id {self._cipher.key_id}) is configured. Refusing to read or write it in "
+                f"plaintext: encrypt it once with `fedtower state encrypt --state-dir {self.state_dir} "
+                "--key-file KEYFILE`, or remove the key from the configuration."
+            )
+        return _Manifest(version=version, components=components, encryption=encryption)
+
+    def _check_key(self, encryption: dict, body: dict, mac: object) -> None:
+        """An encrypted manifest needs the right key, and its MAC must verify (no edits, no downgrade)."""
+        where = f"State dir {self.state_dir} is encrypted with key id {encryption.get('key_id')}"
+        if self._cipher is None:
+            raise StateError(
+                f"{where}, but no state key is configured; refusing to continue without it. Set "
+                "FEDTOWER_STATE_KEY or FEDTOWER_STATE_KEY_FILE, or node config state-key-file."
+            )
+        if self._cipher.key_id != encryption.get("key_id"):
+            raise StateError(f"{where}, but the configured key has id {self._cipher.key_id}: wrong key.")
+        if not self._cipher.verify_mac(_canonical_json(body), mac):
+            raise StateError(
+                f"{self.manifest_path} failed authentication with the right key: it was modified or "
+                "replaced. Restore the state dir from a backup; the client will not use it."
+            )
 
     def _refuse_lost_manifest(self) -> None:
         """No manifest: fine for a new state dir, or for an interrupted first save (version 1 only).
@@ -225,7 +317,8 @@ class ClientStateStore:
         later = sorted(
             entry.name
             for entry in self.state_dir.iterdir()
-            if (match := _COMPONENT_FILE.fullmatch(entry.name)) and int(match["version"]) > 1
+            if ((match := _COMPONENT_FILE.fullmatch(entry.name)) and int(match["version"]) > 1)
+            or _SEALED_LOG_FILE.fullmatch(entry.name)  # only an encrypted store that committed has these
         )
         if later:
             raise StateError(
@@ -234,14 +327,25 @@ class ClientStateStore:
                 "start from empty state; restore the manifest or move the directory aside."
             )
 
-    def _replace_manifest(self, version: int, components: dict[str, dict]) -> None:
+    def _replace_manifest(
+        self,
+        version: int,
+        components: dict[str, dict],
+        encryption: dict | None = None,
+        cipher: StateCipher | None = None,
+    ) -> None:
         body = {
             "format": MANIFEST_FORMAT,
             "version": version,
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "components": components,
         }
-        body["checksum"] = _sha256(_canonical_json(body))
+        if encryption is not None:
+            body["encryption"] = encryption
+        canonical = _canonical_json(body)
+        if encryption is not None:
+            body["mac"] = (cipher or self._cipher).mac(canonical)
+        body["checksum"] = _sha256(canonical)
         atomic_write_bytes(self.manifest_path, json.dumps(body, sort_keys=True, indent=2).encode())
 
     # ---- components --------------------------------------------------------
@@ -272,8 +376,14 @@ class ClientStateStore:
             ) from None
         return kind, data
 
-    def _read_component(self, name: str, entry: dict, map_location: str | torch.device | None) -> object:
-        """Read, verify and decode one component. Call under the lock."""
+    def _read_component(
+        self, name: str, entry: dict, map_location: str | torch.device | None, manifest: _Manifest
+    ) -> object:
+        """Read, verify, decrypt and decode one component. Call under the lock."""
+        return self._decode(name, entry, self._component_bytes(name, entry, manifest), map_location)
+
+    def _component_bytes(self, name: str, entry: dict, manifest: _Manifest) -> bytes:
+        """The verified (and decrypted) bytes of one component. Call under the lock."""
         path = self.state_dir / entry["file"]
         try:
             data = path.read_bytes()
@@ -288,6 +398,18 @@ class ClientStateStore:
                 f"Component {name!r} of state dir {self.state_dir} is corrupt: checksum mismatch in "
                 f"{path.name} (manifest sha256 {entry['sha256'][:12]}…, file sha256 {actual[:12]}…)."
             )
+        if manifest.encryption is None:
+            return data
+        try:
+            return self._cipher.open(data, _component_aad(manifest.encryption, name, entry))
+        except AuthenticationFailed:
+            raise StateError(
+                f"Component {name!r} of state dir {self.state_dir} failed authentication in {path.name}: the "
+                "file was encrypted for another component, generation or store (swapped), or tampered with."
+            ) from None
+
+    def _decode(self, name: str, entry: dict, data: bytes, map_location) -> object:
+        path = self.state_dir / entry["file"]
         try:
             if entry["kind"] == "json":
                 return json.loads(data)
@@ -307,37 +429,51 @@ class ClientStateStore:
             raise ValueError("save() needs at least one component.")
         payloads = {name: self._serialise(name, obj) for name, obj in components.items()}
         with self._lock(exclusive=True):
-            return self._commit(payloads)
+            return self._commit(payloads).version
 
-    def _commit(self, payloads: dict[str, tuple[str, bytes]]) -> int:
+    def _commit(self, payloads: dict[str, tuple[str, bytes]]) -> _Manifest:
         previous = self._read_manifest()
         version = (previous.version if previous else 0) + 1
         entries = dict(previous.components) if previous else {}
+        if previous is not None:
+            encryption = previous.encryption
+        elif self._cipher is not None:  # a new store with a key configured starts encrypted
+            encryption = {"scheme": SCHEME, "key_id": self._cipher.key_id, "store_id": uuid.uuid4().hex,
+                          "epoch": 1}  # fmt: skip
+        else:
+            encryption = None
         for name, (kind, data) in payloads.items():
-            file_name = f"{name}.{version}.{KIND_SUFFIX[kind]}"
-            atomic_write_bytes(self.state_dir / file_name, data)
-            entries[name] = {
-                "file": file_name,
-                "kind": kind,
-                "sha256": _sha256(data),
-                "bytes": len(data),
-                "version": version,
-            }
+            entries[name] = self._write_component(name, kind, data, version, encryption, self._cipher)
         fsync_dir(self.state_dir)
-        self._replace_manifest(version, entries)  # the commit point
+        self._replace_manifest(version, entries, encryption)  # the commit point
         fsync_dir(self.state_dir)
         keep = {e["file"] for e in entries.values()} | (previous.files() if previous else set())
-        self._collect_garbage(keep)
-        return version
+        manifest = _Manifest(version=version, components=entries, encryption=encryption)
+        self._collect_garbage(keep, keep_logs={manifest.log_file(name) for name in LOG_NAMES})
+        return manifest
 
-    def _collect_garbage(self, keep: set[str]) -> None:
-        """Delete component files older than the previous generation, and crashed temp files.
+    def _write_component(
+        self, name: str, kind: str, data: bytes, version: int, encryption: dict | None, cipher: StateCipher | None
+    ) -> dict:
+        """Write one component file of generation `version` (encrypted when the store is); its entry."""
+        entry = {"file": f"{name}.{version}.{KIND_SUFFIX[kind]}", "kind": kind, "version": version}
+        if encryption is not None:
+            data = cipher.seal(data, _component_aad(encryption, name, entry))
+        atomic_write_bytes(self.state_dir / entry["file"], data)
+        return {**entry, "sha256": _sha256(data), "bytes": len(data)}
 
+    def _collect_garbage(self, keep: set[str], keep_logs: set[str]) -> None:
+        """Delete component files not in `keep`, files of our logs not in `keep_logs`, crashed temp files.
+
+        Stale log files are those of another key epoch, or plaintext logs of a
+        store that is now encrypted: what a rotation (or a crash in one) leaves.
         Safe under the exclusive lock: no other writer is mid-write.
         """
         for entry in self.state_dir.iterdir():
             stale_component = _COMPONENT_FILE.fullmatch(entry.name) and entry.name not in keep
-            if stale_component or _TEMP_FILE.fullmatch(entry.name):
+            log_match = _PLAIN_LOG_FILE.fullmatch(entry.name) or _SEALED_LOG_FILE.fullmatch(entry.name)
+            stale_log = log_match and log_match["name"] in LOG_NAMES and entry.name not in keep_logs
+            if stale_component or stale_log or _TEMP_FILE.fullmatch(entry.name):
                 entry.unlink(missing_ok=True)
 
     def load_many(
@@ -354,7 +490,7 @@ class ClientStateStore:
             loaded: dict[str, object] = {}
             for name in names:
                 if name in components:
-                    loaded[name] = self._read_component(name, components[name], map_location)
+                    loaded[name] = self._read_component(name, components[name], map_location, manifest)
                 elif default is not MISSING:
                     loaded[name] = default
                 else:
@@ -393,7 +529,7 @@ class ClientStateStore:
 
     def _read_meta(self, manifest: _Manifest | None) -> dict:
         entry = manifest.components.get("meta") if manifest else None
-        meta = self._read_component("meta", entry, None) if entry else {}
+        meta = self._read_component("meta", entry, None, manifest) if entry else {}
         if not isinstance(meta, dict):
             raise StateError(f"Component 'meta' of state dir {self.state_dir} is not a JSON object.")
         return meta
@@ -413,7 +549,9 @@ class ClientStateStore:
             if manifest is None:
                 return 0
             for name, entry in manifest.components.items():
-                self._read_component(name, entry, "cpu")
+                self._read_component(name, entry, "cpu", manifest)
+            for name in LOG_NAMES:
+                self._read_log(name, manifest)
             return manifest.version
 
     def assert_consistent(
@@ -456,29 +594,54 @@ class ClientStateStore:
                         "since starting these afresh would reset the client's privacy accounting or users."
                     )
             for name, component in manifest.components.items():
-                self._read_component(name, component, "cpu")
+                self._read_component(name, component, "cpu", manifest)
 
-    # ---- privacy ledger ----------------------------------------------------
+    # ---- append-only logs (privacy ledger, local event log) ----------------
+
+    def _log_file(self, name: str, manifest: _Manifest | None) -> str:
+        if name not in LOG_NAMES:
+            raise ValueError(f"Unknown log {name!r}; the state keeps the logs {list(LOG_NAMES)}.")
+        if manifest is None:
+            # A new store: a keyed one gets its first generation (and key epoch) on the first write.
+            return f"{name}.jsonl" if self._cipher is None else f"{name}.e1.jsonl"
+        return manifest.log_file(name)
 
     def append_ledger(self, entry: Mapping[str, object]) -> None:
-        """Append one JSON line and fsync it before returning.
+        """Append one privacy-ledger entry (see append_log)."""
+        self.append_log("ledger", entry)
+
+    def read_ledger(self) -> list[dict]:
+        """Every complete privacy-ledger entry, in order (see read_log)."""
+        return self.read_log("ledger")
+
+    def append_log(self, name: str, entry: Mapping[str, object]) -> None:
+        """Append one JSON line to log `name` and fsync it before returning.
 
         A final line without its newline is a write that never completed (its
         append never returned), so it is cut off before the next entry is added.
+        Encrypted, each line is sealed with the digest of the line before it, so
+        lines cannot be reordered, dropped from the middle or spliced in.
         """
         if not isinstance(entry, Mapping):
-            raise TypeError(f"A ledger entry must be a dict, not {type(entry).__name__}.")
+            raise TypeError(f"A {name} entry must be a dict, not {type(entry).__name__}.")
         try:
             line = json.dumps(dict(entry), sort_keys=True, separators=(",", ":"), allow_nan=False)
         except ValueError as err:  # auditors read the ledger with any JSON parser: no NaN/Infinity
-            raise ValueError(f"A ledger entry must be strict JSON (no NaN or Infinity): {err}.") from None
-        data = (line + "\n").encode()
+            raise ValueError(f"A {name} entry must be strict JSON (no NaN or Infinity): {err}.") from None
         with self._lock(exclusive=True):
-            created = not self.ledger_path.exists()
-            fd = os.open(self.ledger_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            manifest = self._read_manifest()
+            if manifest is None and self._cipher is not None:
+                manifest = self._commit({})  # an empty first generation records the encryption
+            path = self.state_dir / self._log_file(name, manifest)
+            created = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                self._cut_unfinished_ledger_line(fd)
-                view = memoryview(data)
+                self._cut_unfinished_line(fd, path)
+                data = line.encode()
+                if manifest is not None and manifest.encryption is not None:
+                    previous = _last_line(fd)
+                    data = self._cipher.seal_line(data, _log_aad(manifest.encryption, name, previous))
+                view = memoryview(data + b"\n")
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
@@ -487,53 +650,150 @@ class ClientStateStore:
             if created:
                 fsync_dir(self.state_dir)
 
-    def _cut_unfinished_ledger_line(self, fd: int) -> None:
+    def _cut_unfinished_line(self, fd: int, path: Path) -> None:
         size = os.fstat(fd).st_size
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        end = _end_of_last_complete_line(fd)
+        if end == size:
             return
-        end = size
-        while end > 0:  # scan backwards for the last complete line
-            start = max(0, end - 4096)
-            newline = os.pread(fd, end - start, start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
         log.warning(
-            "Ledger %s ended with an unfinished line (%d bytes) from an interrupted append; cutting it off.",
-            self.ledger_path,
+            "Log %s ended with an unfinished line (%d bytes) from an interrupted append; cutting it off.",
+            path,
             size - end,
         )
         os.ftruncate(fd, end)
 
-    def read_ledger(self) -> list[dict]:
-        """Every complete ledger entry, in order; an unfinished final line is reported and skipped."""
+    def read_log(self, name: str) -> list[dict]:
+        """Every complete entry of log `name`, in order; an unfinished final line is reported and skipped."""
         with self._lock(exclusive=False):
-            try:
-                data = self.ledger_path.read_bytes()
-            except FileNotFoundError:
-                return []
-            except OSError as err:
-                raise StateError(
-                    f"Ledger {self.ledger_path} of state dir {self.state_dir} is unreadable: {err}."
-                )
+            return self._read_log(name, self._read_manifest())
+
+    def _read_log(self, name: str, manifest: _Manifest | None) -> list[dict]:
+        return [json.loads(line) for line in self._log_lines(name, manifest)]
+
+    def _log_lines(self, name: str, manifest: _Manifest | None) -> list[bytes]:
+        """The verified (and decrypted) JSON lines of one log. Call under the lock."""
+        path = self.state_dir / self._log_file(name, manifest)
+        label = f"Log {name!r} ({path.name}) of state dir {self.state_dir}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StateError(f"{label} is unreadable: {err.strerror or err}.") from None
         *lines, unfinished = data.split(b"\n")
-        entries = []
+        encryption = manifest.encryption if manifest is not None else None
+        plain, previous = [], b""
         for number, line in enumerate(lines, start=1):
+            if encryption is not None:
+                try:
+                    text = self._cipher.open_line(line, _log_aad(encryption, name, previous))
+                except AuthenticationFailed:
+                    raise StateError(
+                        f"{label} failed authentication at line {number}: the line was modified, or lines "
+                        "were removed, reordered or copied from another log."
+                    ) from None
+                previous = line
+            else:
+                text = line
             try:
-                entry = json.loads(line)
+                entry = json.loads(text)
             except ValueError:
                 entry = None
             if not isinstance(entry, dict):
-                raise StateError(
-                    f"Ledger {self.ledger_path} of state dir {self.state_dir} is corrupt: line {number} "
-                    "is not a JSON object."
-                )
-            entries.append(entry)
+                raise StateError(f"{label} is corrupt: line {number} is not a JSON object.")
+            plain.append(text)
         if unfinished:
             log.warning(
-                "Ledger %s ends with an unfinished line (%d bytes) from an interrupted append; skipping it.",
-                self.ledger_path,
+                "Log %s ends with an unfinished line (%d bytes) from an interrupted append; skipping it.",
+                path,
                 len(unfinished),
             )
-        return entries
+        return plain
+
+    # ---- key rotation -------------------------------------------------------
+
+    def rekey(self, new_key: StateKey) -> int:
+        """Re-encrypt the whole state (components and logs) under `new_key`; returns the new version.
+
+        The store must have been opened with its current key (or with none, to
+        encrypt a plaintext store). Everything is read and verified first, then
+        written as one new generation and a new key epoch; the manifest replace
+        commits it. A crash before that leaves the old state and key in force, a
+        crash after it the new ones; files under the old key are deleted at once.
+        """
+        cipher = new_key.cipher()
+        with self._lock(exclusive=True):
+            manifest = self._read_manifest()
+            components = manifest.components if manifest else {}
+            plain = {name: self._component_bytes(name, entry, manifest) for name, entry in components.items()}
+            logs = {name: self._log_lines(name, manifest) for name in LOG_NAMES}
+            old = manifest.encryption if manifest else None
+            version = (manifest.version if manifest else 0) + 1
+            encryption = {"scheme": SCHEME, "key_id": cipher.key_id,
+                          "store_id": old["store_id"] if old else uuid.uuid4().hex,
+                          "epoch": old["epoch"] + 1 if old else 1}  # fmt: skip
+            entries = {
+                name: self._write_component(name, components[name]["kind"], data, version, encryption, cipher)
+                for name, data in plain.items()
+            }
+            log_files = set()
+            for name, lines in logs.items():
+                if not lines:
+                    continue
+                sealed, previous = [], b""
+                for line in lines:
+                    previous = cipher.seal_line(line, _log_aad(encryption, name, previous))
+                    sealed.append(previous + b"\n")
+                log_file = f"{name}.e{encryption['epoch']}.jsonl"
+                atomic_write_bytes(self.state_dir / log_file, b"".join(sealed))
+                log_files.add(log_file)
+            fsync_dir(self.state_dir)
+            self._replace_manifest(version, entries, encryption, cipher)  # the commit point
+            fsync_dir(self.state_dir)
+            self._cipher = cipher
+            # Nothing under the old key (or in plaintext) is kept: that is what a rotation is for.
+            self._collect_garbage({e["file"] for e in entries.values()}, keep_logs=log_files)
+            fsync_dir(self.state_dir)
+            return version
+
+
+def _component_aad(encryption: dict, name: str, entry: dict) -> dict:
+    """What a component ciphertext is bound to: a file cannot stand in for another component or generation."""
+    return {"store": encryption["store_id"], "epoch": encryption["epoch"], "component": name,
+            "kind": entry["kind"], "version": entry["version"]}  # fmt: skip
+
+
+def _log_aad(encryption: dict, name: str, previous_line: bytes) -> dict:
+    """What a log line is bound to: its store, log, key epoch and the line before it."""
+    return {"store": encryption["store_id"], "epoch": encryption["epoch"], "log": name,
+            "previous": _sha256(previous_line) if previous_line else ""}  # fmt: skip
+
+
+def _end_of_last_complete_line(fd: int) -> int:
+    """Offset just after the last newline of the file (0 when it has none)."""
+    end = os.fstat(fd).st_size
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end
+    while end > 0:  # scan backwards for the last complete line
+        start = max(0, end - 4096)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def _last_line(fd: int) -> bytes:
+    """The last complete line of a file without its newline (b"" for an empty file)."""
+    end = _end_of_last_complete_line(fd)
+    if end == 0:
+        return b""
+    start = end - 1
+    while start > 0:  # scan backwards for the newline before it
+        chunk_start = max(0, start - 4096)
+        newline = os.pread(fd, start - chunk_start, chunk_start).rfind(b"\n")
+        if newline >= 0:
+            start = chunk_start + newline + 1
+            break
+        start = chunk_start
+    return os.pread(fd, end - 1 - start, start)
