@@ -340,7 +340,8 @@ def main() -> None:
         print(f"[{largest:>9,} items] DP client round: {c}", file=sys.stderr)
 
     print_table(results, file=sys.stderr)
-    summary = {"device": args.device, "batch": args.batch, "dim": args.dim, "users": args.users, "negatives": args.negatives,
+    summary = {"device": args.device, "batch": args.batch, "dim": args.dim, "users": args.users,
+               "negatives": args.negatives,
                "negatives_mode": args.negatives_mode, "threads": args.threads, "results": results}  # fmt: skip
     for items, row in results.items():
         if items != "client":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -77,13 +78,11 @@ def start_server(state_dir: Path, token_file: Path, port: int, precision: str, t
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"fedtower serve exited with {process.returncode}: {log_path.read_text()}")
-        try:
+        with contextlib.suppress(OSError):  # not listening yet
             with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
                 probe.sendall(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
                 if probe.recv(64).startswith(b"HTTP/1.1 200"):
                     return process
-        except OSError:
-            pass
         time.sleep(0.2)
     process.kill()
     raise RuntimeError("fedtower serve did not answer /health within 300 s")

@@ -1,5 +1,6 @@
 """The local HTTP API, against a real `fedtower serve` process on loopback with a real HTTP client."""
 
+import contextlib
 import os
 import secrets
 import socket
@@ -72,11 +73,9 @@ def server(site):
             if process.poll() is not None:
                 log.seek(0)
                 pytest.fail(f"fedtower serve exited with {process.returncode}:\n{log.read()}")
-            try:
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             if time.monotonic() > deadline:
                 pytest.fail("fedtower serve did not answer /health within 90 s")
             time.sleep(0.2)

@@ -78,6 +78,11 @@ def _rows_norms(ids, grads):
     return samples, row_grads.pow(2).sum(1)
 
 
+def test_clip_factors_match_opacus():
+    squared = torch.tensor([0.0, 0.25, 4.0])
+    torch.testing.assert_close(clip_factors(squared, 1.0), torch.tensor([1.0, 1.0, 1 / (2 + 1e-6)]))
+
+
 def test_unread_rows_get_the_summed_variance_of_every_step_they_missed():
     # Prepare: a table of 20,000 rows of zeros; 5 noise-only steps, then rows 0..9,999 are read
     # half-way (they get their noise then) and everything is released at the end.

@@ -27,7 +27,6 @@ from fedtower.client.local import (
 )
 from fedtower.client.private_round import load_accountant, plan_round, train_private_round
 from fedtower.client.state import ClientStateStore, StateError
-from fedtower.client.state_crypto import StateKeyError, resolve_state_key
 from fedtower.config import RunSettings
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
@@ -59,29 +58,13 @@ def open_state(settings: RunSettings, context: Context) -> ClientStateStore:
             f"The node's state-dir {state_dir} does not exist. Create it once when setting up the "
             "site (mkdir -m 700); if it existed before, restore it from backup instead."
         )
-    try:  # node config `state-key-file`, else FEDTOWER_STATE_KEY(_FILE); a bad key fails here
-        key = resolve_state_key(context.node_config)
-    except StateKeyError as err:
-        raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
-    return ClientStateStore(state_dir, create=may_create, key=key)
+    return ClientStateStore.for_node(state_dir, context.node_config, create=may_create)
 
 
 def load_global_item_tower(model: TwoTower, arrays: ArrayRecord) -> None:
     """Load the server's item tower; any other key or shape is refused."""
-    incoming = arrays.to_torch_state_dict()
-    expected = model.item_tower_state()
-    if set(incoming) != set(expected):
-        raise ValueError(
-            f"The server sent arrays {sorted(set(incoming) ^ set(expected))} that do not match this "
-            "client's item tower; check that server and client run the same fedtower and settings."
-        )
-    for key, tensor in incoming.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"The server's '{key}' has shape {tuple(tensor.shape)}, this client expects "
-                f"{tuple(expected[key].shape)} (different catalogue or dim?)."
-            )
-    model.load_state_dict(incoming, strict=False)
+    model.load_item_tower(arrays.to_torch_state_dict(), source="The server's item tower",
+                          hint="do server and client run the same fedtower, catalogue and settings?")  # fmt: skip
 
 
 def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:

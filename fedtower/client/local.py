@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from fedtower.client.events import EventLog, merge_events
-from fedtower.client.state import ClientStateStore, StateError
-from fedtower.client.state_crypto import StateKeyError, resolve_state_key
+from fedtower.client.state import ClientStateStore
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
 from fedtower.data.prepared import PreparedSplit, prepare_split
@@ -119,11 +118,7 @@ def _recorded_events(settings: RunSettings, node_config: dict, catalogue: Catalo
         return empty_events()
     if not any(state_dir.glob("events*.jsonl")):
         return empty_events()
-    try:  # the same key as the node's state (node config `state-key-file`, or the environment)
-        key = resolve_state_key(node_config)
-    except StateKeyError as err:
-        raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
-    events, report = EventLog(ClientStateStore(state_dir, create=False, key=key)).load(catalogue)
+    events, report = EventLog(ClientStateStore.for_node(state_dir, node_config)).load(catalogue)
     if report.rows_skipped:
         log.warning("Event log validation: %s", report.summary(max_issues=10))
     return events

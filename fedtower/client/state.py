@@ -168,6 +168,17 @@ class ClientStateStore:
             self.kinds[name] = kind
         self._open_dir(create)
 
+    @classmethod
+    def for_node(cls, state_dir: str | Path, node_config: Mapping[str, object] | None, *,
+                 create: bool = False) -> ClientStateStore:  # fmt: skip
+        """The node's store with the node's key: node config `state-key-file`, else the
+        environment (FEDTOWER_STATE_KEY(_FILE)); an unusable key is a StateError naming the dir."""
+        try:
+            key = resolve_state_key(node_config)
+        except StateKeyError as err:
+            raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
+        return cls(state_dir, create=create, key=key)
+
     def _open_dir(self, create: bool) -> None:
         path = self.state_dir
         if path.exists() and not path.is_dir():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -63,14 +64,10 @@ def parse_key_text(text: str, source: str) -> bytes:
     text = text.strip()
     candidates = []
     if len(text) == 2 * KEY_BYTES:
-        try:
+        with contextlib.suppress(ValueError):  # not hex: try base64
             candidates.append(bytes.fromhex(text))
-        except ValueError:
-            pass
-    try:
+    with contextlib.suppress(binascii.Error, ValueError):  # neither: reported below
         candidates.append(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError):
-        pass
     for key in candidates:
         if len(key) == KEY_BYTES:
             return key

@@ -210,6 +210,19 @@ class TwoTower(nn.Module):
         vectors, bias = self.item_table()
         return self.user_vectors(user_ids, history, vectors) @ vectors.T + bias
 
+    def load_item_tower(self, state: dict[str, torch.Tensor], *, source: str, hint: str) -> None:
+        """Load an item tower from elsewhere (the server, a snapshot); any other key or shape is
+        refused with a ValueError that names `source` and ends with `hint`."""
+        expected = self.item_tower_state()
+        if set(state) != set(expected):
+            raise ValueError(f"{source} has arrays {sorted(set(state) ^ set(expected))} that do not match "
+                             f"this model's item tower; {hint}")  # fmt: skip
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(f"{source}'s '{key}' has shape {tuple(tensor.shape)}, this model expects "
+                                 f"{tuple(expected[key].shape)}; {hint}")  # fmt: skip
+        self.load_state_dict(state, strict=False)
+
     def item_tower_state(self) -> dict[str, torch.Tensor]:
         """The only tensors that may leave a client."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(ITEM_TOWER_PREFIX)}

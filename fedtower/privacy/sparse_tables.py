@@ -169,7 +169,8 @@ class LazyNoiseTable:
         """Per-sample squared norms of the gradient on all these tables -> B."""
         ids, per_table = reads
         ordered = ids.sort(dim=1).values
-        if not bool((ordered[:, 1:] == ordered[:, :-1]).any()):  # every sample read distinct rows: the norm is the sum over its reads
+        if not bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            # Every sample read distinct rows: its norm is the sum over its reads.
             return sum(g.pow(2).sum((1, 2)) for g in per_table)
         return sum(per_sample_squared_norms(ids, g, self.num_rows) for g in per_table)
 

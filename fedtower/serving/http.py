@@ -123,7 +123,7 @@ def _problem(status: int, detail: object, headers: dict | None = None) -> Respon
 
 
 class _Unauthorized(Exception):
-    pass
+    """A missing or wrong bearer token (answered 401 before the body is read)."""
 
 
 class _BodyLimit:

@@ -22,7 +22,6 @@ import torch
 from fedtower.client.events import EventLog
 from fedtower.client.local import build_model, load_node_data
 from fedtower.client.state import ClientStateStore, StateError
-from fedtower.client.state_crypto import StateKeyError, resolve_state_key
 from fedtower.config import RunSettings
 from fedtower.data.schema import EVENT_COLUMNS, Catalogue
 from fedtower.data.validation import validate_events
@@ -126,11 +125,7 @@ class Recommender:
         """
         state_dir = Path(state_dir).expanduser()
         if store is None:
-            try:  # the site's key: node config `state-key-file`, else FEDTOWER_STATE_KEY(_FILE)
-                key = resolve_state_key(node_config)
-            except StateKeyError as err:
-                raise StateError(f"The state key for {state_dir} cannot be used: {err}") from None
-            store = ClientStateStore(state_dir, create=False, key=key)
+            store = ClientStateStore.for_node(state_dir, node_config)
         saved = store.load_many(["item_tower", "users", "meta"], default=None)
         snapshot, users_state, meta = saved["item_tower"], saved["users"], saved["meta"] or {}
         if snapshot is None:
@@ -150,7 +145,8 @@ class Recommender:
         settings = replace(settings, dim=dim)  # the snapshot knows its own width
         data = load_node_data(settings, node)
         model = build_model(settings, data.catalogue, 0)
-        _load_item_tower(model, snapshot)
+        model.load_item_tower(snapshot, source="The saved item tower",
+                              hint="was it saved with another catalogue or run config?")
         with torch.no_grad():
             vectors, bias = model.item_table()
         users, free = _user_table(users_state, data.users, dim)
@@ -536,20 +532,6 @@ def _settings(saved: dict, given: dict) -> RunSettings:
     merged.update(given)
     merged["resume"] = False
     return RunSettings.from_run_config(merged)
-
-
-def _load_item_tower(model, snapshot: dict) -> None:
-    expected = model.item_tower_state()
-    if set(snapshot) != set(expected):
-        raise ValueError(
-            f"The saved item tower has arrays {sorted(set(snapshot) ^ set(expected))} that do not match "
-            "the model built from this run config and catalogue (another catalogue or run config?)."
-        )
-    for key, tensor in snapshot.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"The saved item tower's '{key}' has shape {tuple(tensor.shape)}, the catalogue "
-                             f"and run config give {tuple(expected[key].shape)}.")  # fmt: skip
-    model.load_state_dict(snapshot, strict=False)
 
 
 def _user_table(saved: dict | None, data_users: list[str], dim: int) -> tuple[list[str], np.ndarray]:
