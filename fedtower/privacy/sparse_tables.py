@@ -168,6 +168,8 @@ class LazyNoiseTable:
     def squared_norms(self, reads: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
         """Per-sample squared norms of the gradient on all these tables -> B."""
         ids, per_table = reads
+        if ids.shape[1] == 1:  # one read per sample (the user table): nothing can repeat
+            return sum(g.pow(2).sum((1, 2)) for g in per_table)
         ordered = ids.sort(dim=1).values
         if not bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             # Every sample read distinct rows: its norm is the sum over its reads.
@@ -184,10 +186,12 @@ class LazyNoiseTable:
         """
         if reads is not None:
             ids, per_table = reads
-            flat_ids, scale = ids.flatten(), clip.view(-1, 1, 1)
+            # The step size is folded into the scale: `index_add_` with alpha != 1 takes a per-index
+            # slow path on CPU (4x to 14x slower here).
+            flat_ids, scale = ids.flatten(), clip.view(-1, 1, 1) * (-lr / batch_divisor)
             for weight, grads in zip(self.weights, per_table):
-                clipped = grads.mul_(scale)  # in place: this step is the gradients' last use
-                weight.index_add_(0, flat_ids, clipped.view(-1, weight.shape[1]), alpha=-lr / batch_divisor)
+                update = grads.mul_(scale)  # in place: this step is the gradients' last use
+                weight.index_add_(0, flat_ids, update.view(-1, weight.shape[1]))
         self.variance_so_far += (lr * noise_std / batch_divisor) ** 2
         self.reads = [[] for _ in self.embeddings]
 
