@@ -69,12 +69,19 @@ def serve(
     ] = None,
     precision: Annotated[str, typer.Option(help="Item table held as fp32 | fp16 | int8.")] = "fp32",
     threads: Annotated[int, typer.Option(min=1, help="Compute threads for scoring (BLAS and torch).")] = 1,
+    reload_interval: Annotated[
+        float,
+        typer.Option("--reload-interval", min=0.0,
+                     help="Seconds between checks for a newer snapshot in the state dir (0: only POST /reload)."),
+    ] = 1.0,
 ) -> None:
     """Serve recommendations from a node's state dir over a local HTTP API (FastAPI).
 
-    Endpoints: POST /recommend, /explain, /bundle, /events; GET /health and
-    /openapi.json. Every POST needs 'Authorization: Bearer <token>'; the server
-    refuses to start without a token unless --insecure-no-auth is given.
+    Endpoints: POST /recommend, /explain, /bundle, /events, /items, /reload; GET
+    /health and /openapi.json. Every POST needs 'Authorization: Bearer <token>';
+    the server refuses to start without a token unless --insecure-no-auth is
+    given. A newer item-tower snapshot that a round saves is picked up without a
+    restart.
     """
     limit_threads(threads)  # before numpy and torch load: BLAS reads its thread count once
     from fedtower.client.state import StateError
@@ -103,7 +110,7 @@ def serve(
         recommender = load_recommender(state_dir, state_key_file, precision)
     except (StateError, StateKeyError, ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from None
-    run_server(recommender, token, host, port)
+    run_server(recommender, token, host, port, reload_interval)
 
 
 def limit_threads(threads: int) -> None:
@@ -130,12 +137,12 @@ def load_recommender(state_dir: Path, state_key_file: Path | None, precision: st
     return Recommender.from_state_dir(state_dir, precision=precision, node_config=node_config)
 
 
-def run_server(recommender, token: str | None, host: str, port: int) -> None:
+def run_server(recommender, token: str | None, host: str, port: int, reload_interval: float = 1.0) -> None:
     import uvicorn
 
     from fedtower.serving.http import create_app
 
-    app = create_app(recommender, token)
+    app = create_app(recommender, token, watch_interval=reload_interval)
     auth = "bearer token" if token else "NO AUTHENTICATION"
     typer.echo(f"Serving {len(recommender.catalogue):,} items on http://{host}:{port} ({auth}); "
                f"schema at /openapi.json. Ctrl-C stops.", err=True)  # fmt: skip

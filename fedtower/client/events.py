@@ -36,23 +36,44 @@ class EventLog:
         """Write one event and fsync it before returning."""
         self.store.append_log(EVENT_LOG, {k: event.get(k) for k in EVENT_COLUMNS})
 
+    def entries(self) -> list[dict]:
+        """Every complete entry as logged (JSON objects, in order)."""
+        return self.store.read_log(EVENT_LOG)
+
     def read_raw(self) -> pd.DataFrame:
         """Every complete entry as a raw event frame (text values, as the loaders give them)."""
         rows = [
             {k: ("" if entry.get(k) is None else str(entry.get(k))) for k in EVENT_COLUMNS}
-            for entry in self.store.read_log(EVENT_LOG)
+            for entry in self.entries()
         ]
         return pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
 
     def load(self, catalogue: Catalogue) -> tuple[pd.DataFrame, ValidationReport]:
-        """Validated canonical events; bad entries are skipped and reported (log, line, field)."""
+        """Validated canonical events; bad entries are skipped and reported (log, line, field).
+
+        Events on items this node added to its served catalogue (the state's
+        "local_items") wait, unreported, until the catalogue carries the item.
+        """
         raw = self.read_raw()
         source = str(self.store.state_dir / f"{EVENT_LOG}.jsonl")
         if raw.empty:
             return empty_events(), ValidationReport(sources=[source])
         origins = RowOrigins.consecutive(source, len(raw), 1)
+        waiting = raw["item"].isin(self._local_items(catalogue)).to_numpy()
+        if waiting.any():
+            log.info("%d logged event(s) on items added on this node wait until the catalogue carries them.",
+                     int(waiting.sum()))  # fmt: skip
+            raw = raw[~waiting].reset_index(drop=True)
+            origins = RowOrigins(origins.files, origins.file_codes[~waiting], origins.lines[~waiting])
+            if raw.empty:
+                return empty_events(), ValidationReport(sources=[source])
         return validate_located_events(raw, origins, catalogue=catalogue.index, on_error="skip",
                                        header_line=0)  # fmt: skip
+
+    def _local_items(self, catalogue: Catalogue) -> list[str]:
+        saved = self.store.load("local_items", default=None)
+        items = saved.get("items", []) if isinstance(saved, dict) else []
+        return [entry["item"] for entry in items if entry.get("item") not in catalogue.index]
 
 
 def merge_events(events: pd.DataFrame, recorded: pd.DataFrame) -> pd.DataFrame:

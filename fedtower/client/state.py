@@ -39,7 +39,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +77,7 @@ COMPONENT_KINDS: dict[str, str] = {
     "calibration": "json",  # the run's noise multiplier, fixed once per run
     "dp_optimizer": "torch",  # DP optimizer moments (post-processing of noisy gradients)
     "meta": "json",  # counters: rounds_trained, last_round, run_id, ...
+    "local_items": "json",  # items added to the served catalogue on this node (fedtower.serving.items)
 }
 
 # Append-only logs kept next to the components (outside the manifest's generations).
@@ -495,11 +496,23 @@ class ClientStateStore:
         map_location: str | torch.device | None = "cpu",
     ) -> dict[str, object]:
         """Several components from one generation (a concurrent save cannot split them)."""
+        return self.load_versioned(names, default, map_location=map_location)[0]
+
+    def load_versioned(
+        self,
+        names: Iterable[str],
+        default: object = MISSING,
+        *,
+        map_location: str | torch.device | None = "cpu",
+    ) -> tuple[dict[str, object], dict[str, int]]:
+        """Like load_many, plus the generation each component was saved in (0 for a missing one)."""
         with self._lock(exclusive=False):
             manifest = self._read_manifest()
             components = manifest.components if manifest else {}
             loaded: dict[str, object] = {}
+            versions: dict[str, int] = {}
             for name in names:
+                versions[name] = _entry_version(components[name]) if name in components else 0
                 if name in components:
                     loaded[name] = self._read_component(name, components[name], map_location, manifest)
                 elif default is not MISSING:
@@ -509,7 +522,41 @@ class ClientStateStore:
                         f"State dir {self.state_dir} has no component {name!r} "
                         f"(it has {sorted(components) or 'none'})."
                     )
-            return loaded
+            return loaded, versions
+
+    def generations(self) -> dict[str, int]:
+        """The generation (manifest version) in which each component was last saved."""
+        with self._lock(exclusive=False):
+            manifest = self._read_manifest()
+        return {name: _entry_version(entry) for name, entry in manifest.components.items()} if manifest else {}
+
+    def manifest_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, mtime ns, size) of the manifest; None before the first save.
+
+        Every save replaces the manifest file, so an unchanged stamp means nothing
+        was saved: a lock-free check a server can afford once a second.
+        """
+        try:
+            stat = self.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def update(self, name: str, change: Callable[[object], object]) -> tuple[int, int]:
+        """Read-modify-write of one component under the exclusive lock.
+
+        `change(current)` (None when the component is missing) returns what to
+        save. No other process can save between the read and the write, so a
+        caller that changes only part of a component (e.g. a few user rows) keeps
+        what others saved meanwhile. Returns (generation read, 0 when missing;
+        the new generation).
+        """
+        with self._lock(exclusive=True):
+            manifest = self._read_manifest()
+            entry = manifest.components.get(name) if manifest else None
+            current = self._read_component(name, entry, "cpu", manifest) if entry else None
+            payload = self._serialise(name, change(current))
+            return (_entry_version(entry) if entry else 0), self._commit({name: payload}).version
 
     def load(
         self, name: str, default: object = MISSING, *, map_location: str | torch.device | None = "cpu"
@@ -766,6 +813,12 @@ class ClientStateStore:
             self._collect_garbage({e["file"] for e in entries.values()}, keep_logs=log_files)
             fsync_dir(self.state_dir)
             return version
+
+
+def _entry_version(entry: dict) -> int:
+    """The generation a manifest entry was saved in (its file name carries it too)."""
+    version = entry.get("version")
+    return int(version) if isinstance(version, int) else int(_COMPONENT_FILE.fullmatch(entry["file"])["version"])
 
 
 def _component_aad(encryption: dict, name: str, entry: dict) -> dict:

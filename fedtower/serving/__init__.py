@@ -5,6 +5,7 @@ from fedtower.serving.scoring import ItemTable, QuantizedRows, top_k
 from fedtower.serving.types import (
     Contribution,
     Filters,
+    ItemExistsError,
     Recommendation,
     ServingConfig,
     UnknownItemError,
@@ -14,6 +15,7 @@ from fedtower.serving.types import (
 __all__ = [
     "Contribution",
     "Filters",
+    "ItemExistsError",
     "ItemTable",
     "QuantizedRows",
     "Recommendation",

@@ -4,7 +4,9 @@
     POST /explain     the history items that contributed most to one item's score
     POST /bundle      items that go with a basket
     POST /events      record one event (logged for the next round; the user's embedding updates now)
-    GET  /health      liveness (no authentication, nothing private)
+    POST /items       add new items to the served catalogue (embedded from their content features)
+    POST /reload      take in the state dir's newest item-tower snapshot and user rows now
+    GET  /health      liveness and the snapshot served (no authentication, nothing about users)
     GET  /openapi.json
 
 Every endpoint but /health and /openapi.json needs `Authorization: Bearer <token>`.
@@ -13,10 +15,15 @@ malformed bodies (422), the Recommender's UnknownUserError / UnknownItemError
 are 404 and its other ValueErrors 422; a state that cannot be read is 503.
 Endpoints are `async` on purpose: the Recommender then runs on the event loop's
 one thread, so requests never interleave inside it (record() mutates it).
+Reloads and new items are built in a worker thread and swapped in on the loop
+thread, between requests: a request in flight finishes on the table it started
+with. A background task checks the state dir once a second (`watch_interval`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -31,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedtower import __version__
 from fedtower.client.state import StateError
 from fedtower.data.schema import BEHAVIOURS
-from fedtower.serving.types import Filters, UnknownItemError, UnknownUserError
+from fedtower.serving.types import Filters, ItemExistsError, UnknownItemError, UnknownUserError
 
 log = logging.getLogger("fedtower.serving.http")
 
@@ -91,6 +98,20 @@ class EventBody(_Body):
     value: float | None = Field(None, allow_inf_nan=False, description="Rating (0.5-5) or dwell seconds.")
 
 
+class NewItemBody(_Body):
+    item: Id
+    features: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        min_length=1, max_length=100_000, description="The catalogue's content features, in its feature order."
+    )
+    title: str = Field("", max_length=1000)
+    categories: list[Id] | None = None
+    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+class NewItemsBody(_Body):
+    items: list[NewItemBody] = Field(min_length=1, max_length=1000)
+
+
 class Item(BaseModel):
     item: str
     title: str
@@ -142,12 +163,42 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(recommender, token: str | None) -> FastAPI:
-    """The API over `recommender`; `token=None` turns authentication off (only on explicit request)."""
+def create_app(recommender, token: str | None, *, watch_interval: float = 1.0) -> FastAPI:
+    """The API over `recommender`; `token=None` turns authentication off (only on explicit request).
+
+    Every `watch_interval` seconds (0: never) the state dir is checked for a newer
+    snapshot or user rows (Recommender.refresh), and what is newer swapped in.
+    """
     expected = token.encode() if token is not None else None
     errors = {404: {"model": Problem}, 401: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}}
+    swapping = asyncio.Lock()  # one reload or item addition at a time: each builds on the table it replaces
+
+    async def reload(force: bool) -> None:
+        async with swapping:
+            prepared = await asyncio.to_thread(recommender.prepare_refresh, force)
+            recommender.apply_refresh(prepared)  # on the loop thread, between requests
+
+    async def follow_state() -> None:
+        while True:
+            await asyncio.sleep(watch_interval)
+            try:
+                await reload(force=False)
+            except Exception:  # the server keeps serving what it has; /health shows load errors
+                log.exception("Checking the state dir for a newer snapshot failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(follow_state()) if watch_interval > 0 else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
     app = FastAPI(title="fedtower local serving API", version=__version__, docs_url=None, redoc_url=None,
-                  description=__doc__)  # fmt: skip
+                  description=__doc__, lifespan=lifespan)  # fmt: skip
 
     bearer = HTTPBearer(auto_error=False, description="The token given to `fedtower serve`.")
 
@@ -176,6 +227,10 @@ def create_app(recommender, token: str | None) -> FastAPI:
     async def _unknown(request: Request, exc: ValueError) -> Response:
         return _problem(404, str(exc))
 
+    @app.exception_handler(ItemExistsError)
+    async def _exists(request: Request, exc: ItemExistsError) -> Response:
+        return _problem(409, str(exc))
+
     @app.exception_handler(ValueError)
     async def _rejected(request: Request, exc: ValueError) -> Response:
         return _problem(422, str(exc))
@@ -192,8 +247,30 @@ def create_app(recommender, token: str | None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        """Liveness; unauthenticated, so it says nothing about users."""
-        return {"status": "ok", "items": len(recommender.catalogue)}
+        """Liveness and the snapshot served (generation, round); unauthenticated, so nothing about users.
+
+        "degraded": still serving, but the newest snapshot (or state) could not be loaded; see reload_error.
+        """
+        status = recommender.status()
+        return {"status": "degraded" if status["reload_error"] else "ok", **status}
+
+    @app.post("/reload", dependencies=secured, responses=errors)
+    async def force_reload() -> Response:
+        """Take in the state dir's newest item-tower snapshot, local items and user rows now."""
+        await reload(force=True)
+        status = recommender.status()
+        if status["reload_error"]:
+            return _problem(503, status["reload_error"])
+        return _json(status)
+
+    @app.post("/items", dependencies=secured, status_code=201, responses={**errors, 409: {"model": Problem}})
+    async def add_items(body: NewItemsBody) -> Response:
+        """Add items to the served catalogue, embedded from their content features (kept in the state dir)."""
+        items = [item.model_dump() for item in body.items]
+        async with swapping:
+            prepared = await asyncio.to_thread(recommender.prepare_items, items)
+            recommender.apply_refresh(prepared)
+        return _json({"added": prepared.added, "items": len(recommender.catalogue)}, 201)
 
     @app.post("/recommend", dependencies=secured, response_model=ItemsReply, responses=errors)
     async def recommend(body: RecommendBody) -> Response:
@@ -220,7 +297,10 @@ def create_app(recommender, token: str | None) -> FastAPI:
 
     @app.post("/events", dependencies=secured, status_code=201, responses=errors)
     async def record(body: EventBody) -> Response:
-        """Record one event: appended to the node's event log and applied to the user's embedding now."""
+        """Record one event: appended to the node's event log and applied to the user's embedding now.
+
+        An unknown user is created on this node (served by pooling their history until a round trains them).
+        """
         result = recommender.record(body.model_dump())
         return _json(result.to_dict(), 201)
 

@@ -4,6 +4,11 @@ A Recommender holds the latest global item tower (as an item table), the
 node's private user embeddings and each user's own history. Everything it
 answers is computed locally: scores, explanations, re-ranking, bundles, cold
 start and real-time updates of one user's embedding.
+
+Loaded from a state dir, it also follows that state while the node trains
+(`refresh`, see fedtower.serving.sync): a newer item-tower snapshot is swapped
+in whole, newer user rows are taken in. It is not thread-safe: the HTTP server
+calls it from one thread, and builds what it swaps in off to the side.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,16 +25,18 @@ import pandas as pd
 import torch
 
 from fedtower.client.events import EventLog
-from fedtower.client.local import build_model, load_node_data
+from fedtower.client.local import load_node_data, model_config
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.data.schema import EVENT_COLUMNS, Catalogue
 from fedtower.data.validation import validate_events
 from fedtower.data.weights import BehaviourWeights
 from fedtower.models.two_tower import ItemTower
+from fedtower.serving.items import LOCAL_ITEMS, ServedItems, embed, parse_new_items, stored_local_items
 from fedtower.serving.pooling import refit_free, user_vector
 from fedtower.serving.rerank import cap_categories, mmr, unit_rows
-from fedtower.serving.scoring import ItemTable, top_k
+from fedtower.serving.scoring import top_k
+from fedtower.serving.sync import USERS, Refresh, StateSync, items_from_snapshot, merge_user_rows
 from fedtower.serving.types import (
     Contribution,
     Filters,
@@ -57,6 +64,7 @@ class RecordResult:
     weight: float
     milliseconds: float  # all of it: validation, the fsync'd log append, the update, the atomic save
     update_milliseconds: float  # the embedding update alone (in memory)
+    new_user: bool = False  # True: this event created the user on this node (served by pooling until trained)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,14 +87,19 @@ class Recommender:
         content_tower: ItemTower | None = None,
         store: ClientStateStore | None = None,
         event_log: EventLog | None = None,
+        new_users: Iterable[str] = (),
+        items: ServedItems | None = None,
+        sync: StateSync | None = None,
     ):
+        """`new_users`: users without a trained embedding (served by pooling their history, like a cold
+        start, until a round trains them). `items` / `sync`: set by from_state_dir."""
         self.config = config or ServingConfig()
-        self.catalogue = catalogue
         if item_vectors.shape[0] != len(catalogue):
             raise ValueError(
                 f"The item table has {item_vectors.shape[0]} rows but the catalogue {len(catalogue)} items."
             )
-        self.table = ItemTable(item_vectors, item_bias, self.config.precision)
+        self._items = items or ServedItems.build(catalogue, item_vectors, item_bias, precision=self.config.precision,
+                                                 content_tower=content_tower)  # fmt: skip
         self.users = [str(u) for u in users]
         self._user_row = {u: row for row, u in enumerate(self.users)}
         self.free = np.array(free, dtype=np.float32).reshape(len(self.users), self.table.dim)
@@ -96,14 +109,19 @@ class Recommender:
             np.asarray(weights[u], dtype=np.float32) if u in weights else np.ones(len(h), np.float32)
             for u, h in zip(self.users, self._history, strict=True)
         ]
-        self.content_tower = content_tower
-        self.store, self.event_log = store, event_log
-        self.titles = catalogue.items["title"].fillna("").astype(str).tolist()
-        self.categories = [tuple(c) if isinstance(c, (tuple, list)) else () for c in catalogue.items["categories"]]
-        self.prices = pd.to_numeric(catalogue.items["price"], errors="coerce").to_numpy(np.float64)
-        self._category_masks: dict[str, np.ndarray] = {}
+        self._new_users = {str(u) for u in new_users}
+        self._changed: set[str] = set()  # users whose rows record() changed since a training save came in
+        self.store, self.event_log, self._sync = store, event_log, sync
         self._prior: np.ndarray | None = None  # site prior for cold start, computed on first use
         self.behaviour_weights = BehaviourWeights()
+
+    # The item side is one object, swapped whole when a newer snapshot or a local item comes in.
+    catalogue = property(lambda self: self._items.catalogue)
+    table = property(lambda self: self._items.table)
+    titles = property(lambda self: self._items.titles)
+    categories = property(lambda self: self._items.categories)
+    prices = property(lambda self: self._items.prices)
+    content_tower = property(lambda self: self._items.content_tower)
 
     # ------------------------------------------------------------------ loading
 
@@ -126,8 +144,8 @@ class Recommender:
         state_dir = Path(state_dir).expanduser()
         if store is None:
             store = ClientStateStore.for_node(state_dir, node_config)
-        saved = store.load_many(["item_tower", "users", "meta"], default=None)
-        snapshot, users_state, meta = saved["item_tower"], saved["users"], saved["meta"] or {}
+        saved, versions = store.load_versioned(["item_tower", USERS, "meta", LOCAL_ITEMS], default=None)
+        snapshot, users_state, meta = saved["item_tower"], saved[USERS], saved["meta"] or {}
         if snapshot is None:
             raise StateError(
                 f"State dir {state_dir} has no item-tower snapshot yet; the node must take part in at "
@@ -144,25 +162,27 @@ class Recommender:
         dim = int(snapshot[ID_EMBEDDING_KEY].shape[1]) if ID_EMBEDDING_KEY in snapshot else settings.dim
         settings = replace(settings, dim=dim)  # the snapshot knows its own width
         data = load_node_data(settings, node)
-        model = build_model(settings, data.catalogue, 0)
-        model.load_item_tower(snapshot, source="The saved item tower",
-                              hint="was it saved with another catalogue or run config?")
-        with torch.no_grad():
-            vectors, bias = model.item_table()
-        users, free = _user_table(users_state, data.users, dim)
+        items = items_from_snapshot(snapshot, settings, data.catalogue, stored_local_items(saved[LOCAL_ITEMS]),
+                                    precision, generation=versions["item_tower"],
+                                    round=meta.get("last_round") if isinstance(meta, dict) else None)  # fmt: skip
+        users, free, new_users = _user_table(users_state, data.users, dim)
         histories, weights = {}, {}
         for row, user in enumerate(data.users):
             split = data.split
             histories[user] = np.concatenate([split.train.items_of(row), split.test.items_of(row)])
             weights[user] = np.concatenate([split.train.weights_of(row), split.test.weights_of(row)])
         interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
-        config = ServingConfig(history_len=settings.history_len, recency=model.config.recency,
+        recency = model_config(settings, data.catalogue, 0).recency
+        config = ServingConfig(history_len=settings.history_len, recency=recency,
                                pooling=settings.pooling, pool_history=not interaction_dp,
                                precision=precision, user_l2=settings.user_l2)  # fmt: skip
-        return cls(catalogue=data.catalogue, item_vectors=vectors.numpy(), item_bias=bias.numpy(),
-                   users=users, free=free, histories=histories, history_weights=weights, config=config,
-                   content_tower=model.item_tower if model.item_tower.content_mlp is not None else None,
-                   store=store, event_log=EventLog(store))  # fmt: skip
+        sync = StateSync(store, settings, data.catalogue, precision, versions)
+        recommender = cls(catalogue=items.catalogue, item_vectors=items.table.vectors, item_bias=items.table.bias,
+                          users=users, free=free, histories=histories, history_weights=weights, config=config,
+                          store=store, event_log=EventLog(store), new_users=new_users, items=items,
+                          sync=sync)  # fmt: skip
+        recommender._replay_log()
+        return recommender
 
     @classmethod
     def from_model(
@@ -210,7 +230,28 @@ class Recommender:
         return rows[-self.config.history_len :]
 
     def user_vector(self, user: str) -> np.ndarray:
-        return self._vector(self._history[self.row_of_user(user)], self.free[self.row_of_user(user)])[0]
+        return self._query(self.row_of_user(user))[0]
+
+    def _query(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user vector, history rows, free vector) of a user: trained, or new (pooled like a cold start)."""
+        history = self._history[row]
+        if self.users[row] in self._new_users:
+            free = np.zeros(self.table.dim, dtype=np.float32)
+            return self._cold_vector(history), history, free
+        return self._vector(history, self.free[row])[0], history, self.free[row]
+
+    def _cold_vector(self, rows: np.ndarray) -> np.ndarray:
+        """A user vector from a few events alone, no trained embedding."""
+        free = np.zeros(self.table.dim, dtype=np.float32)
+        vector, _, _ = self._vector(rows, free)
+        if not self.config.pool_history:
+            # A model trained without pooling has no user vector from history: use the items' mean.
+            vector = self.table.vectors[rows].mean(axis=0) if len(rows) else free
+        if self.config.cold_prior:
+            # A few events are a noisy taste estimate: shrink it towards this site's typical user
+            # (on ml-latest-small this beats pooling alone, and popularity from 3 events on).
+            vector = self.site_prior() + len(rows) / (len(rows) + self.config.cold_shrink) * vector
+        return vector
 
     def _vector(self, rows: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user vector, pooled history rows, their pooling weights)."""
@@ -239,12 +280,9 @@ class Recommender:
         the item's released bias (its learned popularity) from the ranking
         score; 1 ranks by taste alone.
         """
-        row = self.row_of_user(user)
-        history = self._history[row]
-        vector, _, _ = self._vector(history, self.free[row])
+        vector, history, free = self._query(self.row_of_user(user))
         rows, scores = self._rank(vector, history, k, filters, diversity, category_cap, novelty)
-        explain_as = (history, self.free[row]) if explain else None
-        return self._results(rows, scores, explain_as)
+        return self._results(rows, scores, (history, free) if explain else None)
 
     def recommend_for_history(
         self,
@@ -259,22 +297,15 @@ class Recommender:
     ) -> list[Recommendation]:
         """Cold start: a new user's few events (item ids or event dicts, oldest first), pooled, no training."""
         rows = self._history_rows(events)
-        free = np.zeros(self.table.dim, dtype=np.float32)
-        vector, _, _ = self._vector(rows, free)
-        if not self.config.pool_history:
-            # A model trained without pooling has no user vector from history: use the items' mean.
-            vector = self.table.vectors[rows].mean(axis=0) if len(rows) else free
-        if self.config.cold_prior:
-            # A few events are a noisy taste estimate: shrink it towards this site's typical user
-            # (on ml-latest-small this beats pooling alone, and popularity from 3 events on).
-            vector = self.site_prior() + len(rows) / (len(rows) + self.config.cold_shrink) * vector
+        vector = self._cold_vector(rows)
         ranked, scores = self._rank(vector, rows, k, filters, diversity, category_cap, novelty)
-        return self._results(ranked, scores, (rows, free) if explain else None)
+        return self._results(ranked, scores, (rows, np.zeros(self.table.dim, np.float32)) if explain else None)
 
     def site_prior(self) -> np.ndarray:
-        """Mean user vector of this node's users with a history (computed locally, never sent)."""
+        """Mean user vector of this node's trained users with a history (computed locally, never sent)."""
         if self._prior is None:
-            known = [row for row in range(len(self.users)) if len(self._history[row])]
+            known = [row for row, user in enumerate(self.users)
+                     if len(self._history[row]) and user not in self._new_users]  # fmt: skip
             vectors = [self._vector(self._history[row], self.free[row])[0] for row in known]
             self._prior = np.mean(vectors, axis=0) if vectors else np.zeros(self.table.dim, np.float32)
         return self._prior
@@ -349,13 +380,14 @@ class Recommender:
         return keep
 
     def _category_mask(self, category: str) -> np.ndarray:
-        mask = self._category_masks.get(category)
+        items = self._items  # the cache belongs to this table: a swapped-in one starts its own
+        mask = items.category_masks.get(category)
         if mask is None:
-            mask = np.fromiter((category in cats for cats in self.categories), dtype=bool,
-                               count=len(self.categories))  # fmt: skip
+            mask = np.fromiter((category in cats for cats in items.categories), dtype=bool,
+                               count=len(items.categories))  # fmt: skip
             if not mask.any():
                 raise ValueError(f"Filter 'categories': no catalogue item is in category {category!r}.")
-            self._category_masks[category] = mask
+            items.category_masks[category] = mask
         return mask
 
     def _results(self, rows: np.ndarray, scores: np.ndarray, explain_as) -> list[Recommendation]:
@@ -374,10 +406,10 @@ class Recommender:
 
     def explain(self, user: str, item: str, top: int = 3) -> list[Contribution]:
         """The history items that contributed most to `item`'s score for `user`, largest first."""
-        row = self.row_of_user(user)
+        _, history, free = self._query(self.row_of_user(user))
         if not isinstance(top, int) or top < 1:
             raise ValueError(f"top must be a positive integer, got {top!r}.")
-        return self._contributions(self._history[row], self.free[row], self.row_of_item(item), top)
+        return self._contributions(history, free, self.row_of_item(item), top)
 
     def _contributions(self, history: np.ndarray, free: np.ndarray, item_row: int, top: int) -> list[Contribution]:
         target = self.table.vectors[item_row]
@@ -414,10 +446,10 @@ class Recommender:
         if isinstance(basket, (str, bytes)) or len(basket) == 0:
             raise ValueError("Field 'basket' must be a non-empty list of item ids.")
         basket_rows = np.asarray([self.row_of_item(i, field=f"basket[{n}]") for n, i in enumerate(basket)])
-        vector, _, _ = self._vector(self._history[row], self.free[row])
+        vector, history, _ = self._query(row)
         query = vector + self.table.vectors[basket_rows].mean(axis=0)
         ranking = self.table.scores(query)
-        ranking[self._history[row]] = -np.inf
+        ranking[history] = -np.inf
         ranking[basket_rows] = -np.inf
         if not allow_same_category:
             basket_categories = {c for r in basket_rows for c in self.categories[r]}
@@ -430,42 +462,105 @@ class Recommender:
 
     def embed_new_items(self, features: np.ndarray) -> np.ndarray:
         """Vectors for items not in the id table, from their content features alone."""
-        if self.content_tower is None:
-            raise ValueError("This model has no content tower (the catalogue has no content features).")
-        with torch.no_grad():
-            return self.content_tower.content_vectors(torch.as_tensor(features)).numpy()
+        return embed(self.content_tower, np.asarray(features, dtype=np.float32))
+
+    def add_items(self, items: Sequence[Mapping]) -> list[str]:
+        """Add new items to the served catalogue; returns their ids.
+
+        Each item is {"item", "features"[, "title", "categories", "price"]}, with
+        the catalogue's content features in its feature order; it is embedded by
+        the content tower alone. An id already served is refused
+        (ItemExistsError). Saved in the state dir, the items survive a restart
+        and a snapshot reload, until the server's catalogue carries them.
+        """
+        refresh = self.prepare_items(items)
+        self.apply_refresh(refresh)
+        return refresh.added
+
+    def prepare_items(self, items: Sequence[Mapping]) -> Refresh:
+        """add_items' work, off to the side: validate, build the larger table, save; nothing served changes."""
+        served = self._items
+        parsed = parse_new_items(items, served.catalogue)
+        grown = served.with_local(parsed)  # embeds them: refuses a model without a content tower first
+        added = [entry["item"] for entry in parsed]
+        if self.store is None:
+            return Refresh(items=grown, added=added)
+        before, after = self.store.update(LOCAL_ITEMS, lambda saved: {"items": stored_local_items(saved) + parsed})
+        if self._sync is None or self._sync.synced[LOCAL_ITEMS] == before:
+            return Refresh(versions={LOCAL_ITEMS: after}, items=grown, added=added)
+        # Another process added items meanwhile: serve the saved list, in its order (rows stay put).
+        served_items, versions = self._sync.load_items()
+        return Refresh(versions=versions, items=served_items, added=added)
 
     # ------------------------------------------------------------------ real time
 
     def record(self, event: Mapping) -> RecordResult:
-        """Log one event of a known user and update that user's embedding now (item tower frozen).
+        """Log one event and update that user's embedding now (item tower frozen).
 
         The event is appended (fsync'd) to the state dir's event log, which the
         next round's training reads; the user's history takes the item, a few
-        gradient steps move the user's free vector, and the embeddings are saved
-        atomically into the state.
+        gradient steps move the user's free vector, and that row alone is saved
+        over the newest user table in the state (another process's rows are
+        kept). An unknown user is created on this node: served by pooling their
+        history (like a cold start) until a round trains them.
         """
         started = time.perf_counter()
         clean = self._validated_event(event)
-        row = self.row_of_user(clean["user"])
         item_row = self.catalogue.index.row(clean["item"])
         if self.event_log is not None:
             self.event_log.append(clean)
+        new_user = clean["user"] not in self._user_row
+        row = self._add_user(clean["user"]) if new_user else self._user_row[clean["user"]]
         frame = pd.DataFrame([clean])
         counted, weight = (x[0] for x in self.behaviour_weights.label_and_weight(frame))
+        trained = clean["user"] not in self._new_users
+        base = self.free[row].copy()  # the row as loaded or last saved: what the update starts from
         update_started = time.perf_counter()
         if counted:
             self._add_interaction(row, item_row, float(weight))
-            self._refit(row)
+            if trained:
+                self._refit(row)
             self._prior = None  # the site prior moves with its users
         update_ms = 1e3 * (time.perf_counter() - update_started)
-        if counted:
-            if self.store is not None:
-                users = {"users": list(self.users), "embeddings": torch.from_numpy(self.free.copy())}
-                self.store.save({"users": users})  # atomic: a new generation, then the manifest
+        if counted and trained:
+            self._changed.add(clean["user"])
+            self._save_rows({clean["user"]: base})
         return RecordResult(**{k: clean[k] for k in EVENT_COLUMNS}, counted=bool(counted),
                             weight=float(weight), milliseconds=1e3 * (time.perf_counter() - started),
-                            update_milliseconds=update_ms)  # fmt: skip
+                            update_milliseconds=update_ms, new_user=new_user)  # fmt: skip
+
+    def _save_rows(self, bases: Mapping[str, np.ndarray]) -> None:
+        """Write these users' rows over the newest saved table, under the store's exclusive lock.
+
+        `bases` holds the row each user's update started from. A saved row that
+        differs from it was written by a round meanwhile: the user's events are
+        fitted again on top of that trained row, so neither is lost.
+        """
+        if self.store is None:
+            return
+
+        def merge(saved: dict | None) -> dict:
+            for user, base in bases.items():
+                trained_row = _saved_row(saved, user)
+                if trained_row is not None and not np.array_equal(trained_row, base):
+                    self.free[self._user_row[user]] = trained_row
+                    self._refit(self._user_row[user])
+            return merge_user_rows(saved, {user: self.free[self._user_row[user]].copy() for user in bases})
+
+        before, after = self.store.update(USERS, merge)
+        if self._sync is not None:
+            self._sync.wrote(USERS, before, after)
+
+    def _add_user(self, user: str) -> int:
+        """A user this node has no state for: no trained row, an empty history."""
+        row = len(self.users)
+        self.users.append(user)
+        self._user_row[user] = row
+        self.free = np.vstack([self.free, np.zeros((1, self.table.dim), np.float32)])
+        self._history.append(np.zeros(0, dtype=np.int64))
+        self._weights.append(np.zeros(0, dtype=np.float32))
+        self._new_users.add(user)
+        return row
 
     def _validated_event(self, event: Mapping) -> dict:
         if not isinstance(event, Mapping):
@@ -477,7 +572,8 @@ class Recommender:
         for name in ("user", "item", "behaviour"):
             if not isinstance(event.get(name), str) or not event.get(name).strip():
                 raise ValueError(f"Event field '{name}' is required and must be a non-empty string.")
-        self.row_of_user(event["user"])
+        if event["user"] != event["user"].strip():
+            raise ValueError("Event field 'user' must not start or end with spaces.")
         self.row_of_item(event["item"])
         timestamp = event.get("timestamp")
         if timestamp is None:
@@ -518,6 +614,107 @@ class Recommender:
                                     lr=self.config.update_lr, l2=self.config.user_l2,
                                     sample=self.config.update_sample, seed=len(history))  # fmt: skip
 
+    def _replay_log(self) -> None:
+        """What the node's data cannot carry yet: users only the event log knows, events on local items.
+
+        load_node_data merges the log's events on catalogue items; events on items
+        added on this node wait there until the catalogue carries the item.
+        """
+        if self.event_log is None or not self.event_log.exists():
+            return
+        local = set(self._items.local_ids)
+        for entry in self.event_log.entries():
+            if entry.get("user") in self._user_row and entry.get("item") not in local:
+                continue  # the node's data carries it
+            try:
+                clean = self._validated_event({k: v for k, v in entry.items() if k in EVENT_COLUMNS})
+            except ValueError:
+                continue  # load_node_data reported it already
+            user = clean["user"]
+            row = self._user_row[user] if user in self._user_row else self._add_user(user)
+            if clean["item"] in local:
+                counted, weight = (x[0] for x in self.behaviour_weights.label_and_weight(pd.DataFrame([clean])))
+                if counted:
+                    self._add_interaction(row, self.catalogue.index.row(clean["item"]), float(weight))
+
+    # ------------------------------------------------------------------ following the state dir
+
+    def refresh(self, force: bool = False) -> dict:
+        """Take in what was saved into the state dir since it was loaded; returns `status()`.
+
+        A newer item-tower snapshot (or local items) is built in full, then
+        swapped in; newer user rows replace the served ones, except the rows
+        record() changed since, which are re-fitted on top of the trained row and
+        saved. `force` reloads everything even when nothing looks newer. A
+        snapshot that fails to load leaves the served one in place and is named
+        in `status()["reload_error"]`.
+        """
+        self.apply_refresh(self.prepare_refresh(force))
+        return self.status()
+
+    def prepare_refresh(self, force: bool = False) -> Refresh | None:
+        """refresh()'s reading and building, off to the side: nothing served changes (a worker thread may run it)."""
+        if self._sync is None:
+            if force:
+                raise ValueError("This Recommender was not loaded from a state dir, so there is nothing to reload.")
+            return None
+        return self._sync.prepare(force)
+
+    def apply_refresh(self, refresh: Refresh | None) -> None:
+        """Swap in what prepare_refresh / prepare_items built (call it from the serving thread)."""
+        if refresh is None:
+            return
+        if refresh.items is not None:
+            self._items = refresh.items  # one assignment: a request holds the old table or the new one
+            self._prior = None
+        if refresh.users is not None and refresh.versions[USERS] >= self._sync.synced[USERS]:
+            # (a table older than one saved here since is skipped.) Marked first, so that rows it re-fits
+            # and saves count as saved over the served table.
+            self._sync.taken_in({USERS: refresh.versions[USERS]})
+            self._take_in_users(refresh.users)
+        if self._sync is not None:
+            self._sync.taken_in(refresh.versions)  # max(): a later save of ours stays the served one
+
+    def _take_in_users(self, saved: dict) -> None:
+        """A users table someone else (a training round) saved: its rows replace ours.
+
+        Rows record() changed since the last table came in are kept when the
+        saved row is ours; otherwise (training saved after us) the trained row is
+        the new base and the recorded events are fitted again on top of it.
+        """
+        table = saved["embeddings"].float().numpy()
+        refitted = {}
+        for where, user in enumerate(saved["users"]):
+            row = self._user_row.get(user)
+            if row is None:
+                continue  # a user this server never loaded (its history is in the data): at the next start
+            trained_row = table[where]
+            if user in self._changed and not np.array_equal(trained_row, self.free[row]):
+                self.free[row] = trained_row
+                self._refit(row)
+                refitted[user] = trained_row
+            elif user not in self._changed:
+                self.free[row] = trained_row
+            self._new_users.discard(user)  # a round trained them
+        self._changed.clear()
+        self._prior = None
+        if refitted:
+            self._save_rows(refitted)
+
+    def status(self) -> dict:
+        """What is served: the snapshot's generation and round, local items, the last reload error (no users)."""
+        items = self._items
+        errors = list(self._sync.errors.values()) if self._sync is not None else []
+        return {"items": len(items.catalogue), "local_items": len(items.local_ids),
+                "snapshot": {"generation": items.generation, "round": items.round, "loaded_at": items.loaded_at},
+                "reload_error": "; ".join(errors) or None}  # fmt: skip
+
+
+def _saved_row(saved: dict | None, user: str) -> np.ndarray | None:
+    if not saved or user not in saved["users"]:
+        return None
+    return saved["embeddings"][saved["users"].index(user)].float().numpy()
+
 
 def _check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -534,8 +731,9 @@ def _settings(saved: dict, given: dict) -> RunSettings:
     return RunSettings.from_run_config(merged)
 
 
-def _user_table(saved: dict | None, data_users: list[str], dim: int) -> tuple[list[str], np.ndarray]:
-    """The saved users (in saved order) plus any user of the node's data not saved yet (zero vector)."""
+def _user_table(saved: dict | None, data_users: list[str], dim: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """The saved users (in saved order) plus any user of the node's data not trained yet (zero vector, and
+    listed as new: served by pooling until a round trains them)."""
     users = list(saved["users"]) if saved else []
     table = saved["embeddings"].float().numpy() if saved else np.zeros((0, dim), np.float32)
     if table.shape[1] != dim:
@@ -544,4 +742,4 @@ def _user_table(saved: dict | None, data_users: list[str], dim: int) -> tuple[li
     extra = [u for u in data_users if u not in known]
     if extra:
         table = np.vstack([table, np.zeros((len(extra), dim), np.float32)])
-    return users + extra, table
+    return users + extra, table, extra

@@ -14,6 +14,10 @@ class UnknownItemError(ValueError):
     """The item is not in the public catalogue (an HTTP layer answers 404 or 422)."""
 
 
+class ItemExistsError(ValueError):
+    """An item to add is already in the served catalogue (an HTTP layer answers 409)."""
+
+
 @dataclass(frozen=True)
 class Filters:
     """Which catalogue items may be recommended.
