@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from fedtower import __version__
+from fedtower.cli_keys import keys_app
 from fedtower.cli_recommend import recommend as _recommend_command
 from fedtower.cli_serve import serve
+from fedtower.cli_site import site_app
 from fedtower.cli_state import state_app
 
 app = typer.Typer(
@@ -29,6 +31,8 @@ app.add_typer(data_app, name="data")
 app.command("recommend")(_recommend_command)  # serving from a client's state (fedtower/cli_recommend.py)
 app.add_typer(state_app, name="state")  # keygen, encrypt, rotate-key, verify (fedtower/cli_state.py)
 app.command("serve")(serve)  # the local HTTP API (fedtower/cli_serve.py)
+app.add_typer(keys_app, name="keys")  # TLS certificates and node key pairs (fedtower/cli_keys.py)
+app.add_typer(site_app, name="site")  # a partner site's readiness check and ledger (fedtower/cli_site.py)
 
 DataOption = Annotated[
     str,

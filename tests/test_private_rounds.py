@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedtower.client.handlers import evaluate_on_node, train_on_node
+from fedtower.client.handlers import BudgetRefusal, evaluate_on_node, train_on_node
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.privacy.accounting import ClientAccountant, independent_epsilon
@@ -93,6 +93,19 @@ def test_budget_is_checked_before_training_and_exhaustion_is_not_an_error(tmp_pa
     with task_identity():
         evaluation = evaluate_on_node(server_message(tower, node_id=3, message_type="evaluate"), context)
     assert evaluation.content["metrics"]["users"] > 0
+
+
+def test_a_site_with_its_own_cap_refuses_a_run_without_dp(tmp_path):
+    # Prepare: the coordinator's run has no DP; the site set max-epsilon in its node config.
+    config = run_config(tmp_path)
+    capped = {"partition-id": 0, "num-partitions": 3, "max-epsilon": 4.0}
+    # Execute / Assert: refused before anything is trained or saved, with the reason and the way out.
+    with pytest.raises(BudgetRefusal, match=r"max-epsilon = 4.0 .* without differential privacy"):
+        one_round(config, 1, node_config=capped)
+    assert not RunSettings.from_run_config(config).node_state_dir(0).exists()
+    # The same run trains on a site without a cap.
+    reply, _ = one_round(config, 1)
+    assert reply.content["metrics"]["num-examples"] > 1
 
 
 def test_target_epsilon_is_calibrated_once_and_reached_at_the_planned_end(tmp_path):

@@ -28,6 +28,7 @@ from fedtower.client.local import (
 from fedtower.client.private_round import load_accountant, plan_round, train_private_round
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
+from fedtower.metrics import RankingSums
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
 from fedtower.privacy.ledger import LedgerEntry, library_versions, pseudonymous_node_id
@@ -67,6 +68,22 @@ def load_global_item_tower(model: TwoTower, arrays: ArrayRecord) -> None:
                           hint="do server and client run the same fedtower, catalogue and settings?")  # fmt: skip
 
 
+class BudgetRefusal(RuntimeError):
+    """The site capped its epsilon, and the run would train without DP (unbounded epsilon)."""
+
+
+def refuse_unbounded_training(settings: RunSettings, node_config: Mapping) -> None:
+    """A site that set its own `max-epsilon` never trains without DP: that would spend an
+    unbounded epsilon, whatever the coordinator's run config says."""
+    if "max-epsilon" in node_config and not settings.dp_enabled:
+        raise BudgetRefusal(
+            f"This site set max-epsilon = {node_config['max-epsilon']} in its node config, but the run "
+            "trains without differential privacy (no noise-multiplier or target-epsilon in its run "
+            "config), which has no epsilon bound: refusing to train. Ask the coordinator for a DP run, or "
+            "remove max-epsilon from this SuperNode's node config to allow non-private training."
+        )
+
+
 def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
     return TrainConfig(
         epochs=settings.local_epochs,
@@ -85,6 +102,7 @@ def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
 def train_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
     started = time.perf_counter()
     settings = settings_of(message, context, run_config)
+    refuse_unbounded_training(settings, context.node_config)
     config: ConfigRecord = message.content["config"]
     server_round = int(config.get("server-round", 0))
     state = open_state(settings, context)
@@ -117,15 +135,33 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
             "meta": _next_meta(meta, message, server_round, data.source),
         }
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(data.users),
-            "train-loss": float(logs[-1]["loss"]),
-            "train-seconds": time.perf_counter() - started,
-        }
-    )
-    arrays = ArrayRecord(model.item_tower_state())
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+    content = train_content(ArrayRecord(model.item_tower_state()), num_examples=len(data.users),
+                            train_loss=float(logs[-1]["loss"]), seconds=time.perf_counter() - started)  # fmt: skip
+    return Message(content=content, reply_to=message)
+
+
+# What each reply carries is built here and only here: `fedtower site check` shows a site
+# exactly these records (fedtower/deployment/site_check.py), so the two cannot drift apart.
+
+
+def train_content(arrays: ArrayRecord, *, num_examples: int, train_loss: float, seconds: float) -> RecordDict:
+    """A round without DP: the trained item tower and three aggregate metrics."""
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": train_loss, "train-seconds": seconds})
+    return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+def private_train_content(arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> RecordDict:
+    """A DP round: the item tower, a constant weight, the budget status and the ledger entry."""
+    # Constant weight: an example count would leak the site's size to the aggregate.
+    metrics = MetricRecord({"num-examples": 1, "budget-exhausted": int(exhausted)})
+    return RecordDict({"arrays": arrays, "metrics": metrics, "ledger": entry.to_config_record()})
+
+
+def evaluate_content(sums: RankingSums) -> RecordDict:
+    """An evaluation: ranking sums over the local users (mergeable), nothing per user."""
+    payload = sums.to_dict()
+    payload["num-examples"] = max(sums.users, 1)
+    return RecordDict({"metrics": MetricRecord(payload)})
 
 
 def _next_meta(meta: dict, message: Message, server_round: int, source: str, trained: bool = True) -> dict:
@@ -198,10 +234,7 @@ def ledger_entry(settings, plan, node: str, server_round: int, accountant, *, st
 
 
 def _private_reply(message: Message, arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> Message:
-    # Constant weight: an example count would leak the site's size to the aggregate.
-    metrics = MetricRecord({"num-examples": 1, "budget-exhausted": int(exhausted)})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, "ledger": entry.to_config_record()})
-    return Message(content=content, reply_to=message)
+    return Message(content=private_train_content(arrays, entry, exhausted=exhausted), reply_to=message)
 
 
 def evaluate_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
@@ -218,9 +251,7 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
                     pool_history=not interaction_dp)  # fmt: skip
     if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
         state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
-    payload = sums.to_dict()
-    payload["num-examples"] = max(sums.users, 1)
-    return Message(content=RecordDict({"metrics": MetricRecord(payload)}), reply_to=message)
+    return Message(content=evaluate_content(sums), reply_to=message)
 
 
 def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:

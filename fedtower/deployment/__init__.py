@@ -1,0 +1,1 @@
+"""Partner-site deployment: TLS and node keys (keys.py), site readiness checks (site_check.py)."""
