@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--min-free-mib", type=float, default=2048.0)
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # `timeout`/`kill` send SIGTERM: exit through Python so the deployment's teardown stops every Flower
+    # process (without this, SIGTERM killed the script and left the SuperLink and SuperNodes running).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sizes, stopped_because = [], "every size ran"
     for nodes in sorted(args.nodes):

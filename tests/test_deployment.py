@@ -10,14 +10,11 @@ import sys
 
 import pytest
 
-from fedtower.client.local import load_node_data
-from fedtower.client.private_round import plan_round
 from fedtower.client.state import ClientStateStore
-from fedtower.config import RunSettings
-from fedtower.privacy.accounting import ClientAccountant, independent_epsilon
+from fedtower.privacy.accounting import independent_epsilon
 from fedtower.privacy.ledger import ServerLedger
 from fedtower.server.run_dir import RunDirectory
-from tests.deployment_utils import Site, prepare_sites, run_to_completion
+from tests.deployment_utils import planned_epsilons, prepare_sites, run_to_completion
 
 pytestmark = [
     pytest.mark.deployment,
@@ -83,18 +80,6 @@ def test_two_site_deployment_trains_evaluates_and_keeps_node_state(tmp_path):
         assert meta["last_round"] == rounds
         assert meta["data_source"] == str(site.data_path)
         assert set(store.load("users")["users"]) == site.users
-
-
-def planned_epsilons(config: dict, site: Site, rounds: int) -> list[float]:
-    """ε after each of `rounds` DP rounds at `site`, from the client's own planning code on its own data."""
-    settings = RunSettings.from_run_config(config)
-    histories = load_node_data(settings, {"data-path": str(site.data_path)}).split.train
-    accountant, calibration, epsilons = ClientAccountant(), None, []
-    for _ in range(rounds):
-        plan, calibration = plan_round(settings, {}, histories, accountant, calibration)  # no cap: {}
-        epsilons.append(plan.epsilon_after)
-        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
-    return epsilons
 
 
 def test_user_level_dp_deployment_caps_one_site_and_keeps_a_verifiable_ledger(tmp_path):
