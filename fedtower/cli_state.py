@@ -130,3 +130,29 @@ def verify(
     how = f"encrypted (key id {store.key_id})" if encrypted else "plaintext"
     typer.echo(f"{state_dir}: version {version}, {how}, rounds trained {meta.get('rounds_trained', 0)}, "
                + ", ".join(f"{n} {name} entries" for name, n in counts.items()) + ". All checks passed.")  # fmt: skip
+
+
+@state_app.command("adopt-counter")
+def adopt_counter(
+    state_dir: StateDirOption,
+    counter: Annotated[Path, typer.Option("--counter", help="The rollback counter file (node config "
+                                          "rollback-counter; default: beside state-key-file, + .rollback).")],
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="The state key (default: $FEDTOWER_STATE_KEY(_FILE)).")
+    ] = None,
+) -> None:
+    """Start a rollback counter from the state as it is now (once, when a site sets one up).
+
+    The node then refuses any state older than this one. Run it only on the newest state: a
+    counter adopted from a restored backup would make that backup the reference.
+    """
+    from fedtower.client.rollback import adopt
+    from fedtower.client.state import KEY_FROM_ENVIRONMENT, StateError
+
+    store = _open(state_dir, _key(key_file) if key_file is not None else KEY_FROM_ENVIRONMENT)
+    try:
+        store.verify()
+        body = adopt(store, counter)
+    except StateError as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"Rollback counter {counter} adopted state {state_dir} at accountant change {body['sequence']}.")

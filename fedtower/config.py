@@ -84,7 +84,7 @@ class RunSettings:
     privacy_unit: str = "user"  # user: one user's whole history | interaction: one event
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0  # calibrate the noise once for the planned rounds and epochs
-    target_delta: float = 0.0  # 0 -> 1 / (10 x DP samples at the client)
+    target_delta: float = 0.0  # 0 -> 1 / (10 x the site's public population); within the site's max-delta
     max_grad_norm: float = 1.0
     max_epsilon: float = 0.0  # run-level cap (0 = none); a node's own `max-epsilon` caps it further
     dp_batch_size: int = 16  # expected DP samples per step (Poisson rate = this / samples)
@@ -94,6 +94,9 @@ class RunSettings:
     dp_embedding_path: str = "sparse"
     dp_table_optimizer: str = "sgd"  # sparse: sgd only (exact); opacus: sgd | adam
     dp_table_lr: float = 0.5
+    # Federated evaluation in a DP run: Gaussian noise with this multiplier on six per-user-bounded
+    # sums, charged to each node's accountant (a site may opt in to exact sums instead).
+    dp_eval_noise_multiplier: float = 20.0
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
     client_dp_noise: float = 1.0
@@ -143,6 +146,8 @@ class RunSettings:
         check_embedding_path(self.dp_embedding_path, self.dp_table_optimizer)
         if not self.dp_table_lr > 0:
             raise ValueError(f"dp-table-lr must be positive, got {self.dp_table_lr}.")
+        if not self.dp_eval_noise_multiplier > 0:
+            raise ValueError(f"dp-eval-noise-multiplier must be positive, got {self.dp_eval_noise_multiplier}.")
         if not 0.0 <= self.taste_skew <= 1.0:
             raise ValueError(f"taste-skew must be between 0 and 1, got {self.taste_skew}.")
         if not self.size_skew >= 0.0:

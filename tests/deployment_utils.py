@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtower.client.local import load_node_data
-from fedtower.client.private_round import plan_round
+from fedtower.client.node_settings import NodeSettings
+from fedtower.client.private_round import calibrate, plan_training
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
 from fedtower.data.prepared import prepare_split
@@ -40,6 +42,7 @@ from fedtower.data.schema import EVENT_COLUMNS, Dataset
 from fedtower.data.sources import resolve_dataset
 from fedtower.deployment.keys import create_ca, create_node_keys, create_server_certificate
 from fedtower.privacy.accounting import ClientAccountant
+from fedtower.privacy.secure_random import DPRandom
 from fedtower.simulations.partition import PartitionConfig, partition_events
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -349,8 +352,12 @@ class Site:
 
     @property
     def node_config(self) -> dict[str, object]:
-        """The SuperNode's --node-config: where the site's data and private state live, plus extras."""
-        return {"data-path": str(self.data_path), "state-dir": str(self.state_dir), **self.extra_node_config}
+        """The SuperNode's --node-config: where the site's data and private state live, the public
+        population it plans DP with (its number of users, as a real site would declare a rounded
+        figure), plaintext state accepted (these tests are not about encryption), plus extras."""
+        return {"data-path": str(self.data_path), "state-dir": str(self.state_dir),
+                "dp-population-users": len(self.users), "allow-plaintext-state": True,
+                **self.extra_node_config}  # fmt: skip
 
 
 def prepare_sites(data_spec: str, num_sites: int, root: Path, *, seed: int = 0) -> list[Site]:
@@ -381,12 +388,15 @@ def planned_epsilons(config: Mapping[str, object], site: Site, rounds: int) -> l
     """ε after each of `rounds` DP rounds at `site`, from the client's own planning code on its own data
     (no cap), so a test can set a site's max-epsilon between two rounds' values."""
     settings = RunSettings.from_run_config(dict(config))
-    histories = load_node_data(settings, {"data-path": str(site.data_path)}).split.train
-    accountant, calibration, epsilons = ClientAccountant(), None, []
+    node = NodeSettings.from_node_config({k: v for k, v in site.node_config.items() if k != "max-epsilon"})
+    histories = load_node_data(settings, node).split.train
+    accountant, saved, epsilons = ClientAccountant(), None, []
     for _ in range(rounds):
-        plan, calibration = plan_round(settings, {}, histories, accountant, calibration)  # no cap: {}
+        calibration, count = calibrate(settings, node, histories, accountant, saved, DPRandom())
+        plan = plan_training(calibration, accountant, count, math.inf)  # no cap
         epsilons.append(plan.epsilon_after)
-        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
+        accountant.charge(plan.added)
+        saved = calibration.to_dict()
     return epsilons
 
 

@@ -200,8 +200,15 @@ def test_consistency_check_verifies_every_checksum(tmp_path):
         store.assert_consistent(expect_trained=False)
 
 
+def saved_store(path) -> ClientStateStore:
+    """A store after its first save: a client's first ledger line always follows a committed save."""
+    store = ClientStateStore(path)
+    store.save({"meta": {"rounds_trained": 1}})
+    return store
+
+
 def test_ledger_appends_survive_a_new_store(tmp_path):
-    ClientStateStore(tmp_path).append_ledger({"round": 1, "epsilon": 0.5})
+    saved_store(tmp_path).append_ledger({"round": 1, "epsilon": 0.5})
     ClientStateStore(tmp_path).append_ledger({"round": 2, "epsilon": 0.8})
 
     entries = ClientStateStore(tmp_path).read_ledger()
@@ -210,7 +217,7 @@ def test_ledger_appends_survive_a_new_store(tmp_path):
 
 
 def test_an_unfinished_last_ledger_line_is_reported_and_cut_before_the_next_append(tmp_path, caplog):
-    store = ClientStateStore(tmp_path)
+    store = saved_store(tmp_path)
     store.append_ledger({"round": 1})
     with open(store.ledger_path, "ab") as handle:
         handle.write(b'{"round": 2, "eps')  # an append interrupted mid-write
@@ -224,8 +231,18 @@ def test_an_unfinished_last_ledger_line_is_reported_and_cut_before_the_next_appe
     assert store.read_ledger() == [{"round": 1}, {"round": 3}]
 
 
+def test_a_lost_manifest_after_the_first_round_is_refused_not_a_fresh_start(tmp_path):
+    # Prepare: one saved round and its ledger line (generation 1 only), then the manifest is deleted.
+    store = saved_store(tmp_path)
+    store.append_ledger({"round": 1})
+    store.manifest_path.unlink()
+    # Execute / Assert: the ledger line proves a save committed, so the state was not new.
+    with pytest.raises(StateError, match="holds component files .*ledger.jsonl.* but no manifest.json"):
+        ClientStateStore(tmp_path).load("accountant", default=None)
+
+
 def test_a_corrupt_middle_ledger_line_is_an_error(tmp_path):
-    store = ClientStateStore(tmp_path)
+    store = saved_store(tmp_path)
     store.ledger_path.write_bytes(b'{"round": 1}\nnot json\n{"round": 3}\n')
 
     with pytest.raises(StateError, match="line 2 is not a JSON object"):

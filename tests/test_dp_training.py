@@ -13,6 +13,7 @@ from fedtower.central import build_model
 from fedtower.client.dp_training import DPConfig, DPTrainer, InteractionSamples, num_dp_samples
 from fedtower.data.prepared import UserHistories, prepare_split
 from fedtower.data.sources import resolve_dataset
+from fedtower.privacy.secure_random import DPRandom
 
 CLIP = 0.5
 
@@ -33,9 +34,10 @@ def make_trainer(data, unit, *, noise=1e-9, rate=1.0, steps=1, path="sparse", cl
     with torch.no_grad():  # live user vectors, so their gradients matter
         model.user_tower.embedding.weight.normal_(0, 0.1)
     config = DPConfig(unit=unit, noise_multiplier=noise, max_grad_norm=clip, sample_rate=rate, steps=steps,
-                      lr=1e-2, num_negatives=5, positives=3, history_len=20, seed=seed, embedding_path=path,
+                      lr=1e-2, num_negatives=5, positives=3, history_len=20, embedding_path=path,
                       table_lr=0.5)  # fmt: skip
-    return model, DPTrainer(model, config)
+    # Seeded (test-only) so that two trainers draw the same samples and negatives.
+    return model, DPTrainer(model, config, randomness=DPRandom.test_only_seeded(seed))
 
 
 def capture_step(trainer, histories, samples=None):

@@ -35,7 +35,8 @@ def test_train_and_evaluate_on_device(tmp_path, device, mode):
                            output_dir=str(tmp_path), run_name="gpu", **MODES[mode])  # fmt: skip
     run_config = settings.to_run_config()
     tower = initial_item_tower(settings)
-    context = node_context({"partition-id": 0, "num-partitions": 2}, run_config)
+    # Exact evaluation sums in DP modes too (the site opts in), to check the metrics on the device.
+    context = node_context({"partition-id": 0, "num-partitions": 2, "allow-raw-evaluation": True}, run_config)
     with task_identity():
         # Execute: two rounds (the second loads the state the first saved), then evaluation.
         for server_round in (1, 2):

@@ -46,9 +46,15 @@ def test_dp_rounds_compose_in_a_persistent_accountant_and_the_ledger(tmp_path):
     assert entries[0].epsilon_before == 0.0
     assert entries[1].epsilon_before == pytest.approx(entries[0].epsilon_after)
     assert entries[1].epsilon_after > entries[0].epsilon_after
+    # Round 1 charged the run's DP count of the site's users (no population declared), then its steps.
+    count_noise = 20.0
+    assert entries[0].population_source == "dp-count"
+    assert entries[0].charged == ((count_noise, 1.0, 1), (1.5, entries[0].sample_rate, entries[0].steps))
+    assert entries[1].charged == ((1.5, entries[0].sample_rate, entries[1].steps),)
+    assert entries[0].sample_rate == pytest.approx(8 / entries[0].population)  # q from the public count
     # The accountant in the state composes both rounds, and an independent RDP accountant agrees.
     accountant = ClientAccountant.from_state_dict(state_of(config).load("accountant"))
-    assert accountant.total_steps == entries[0].steps + entries[1].steps
+    assert accountant.total_steps == 1 + entries[0].steps + entries[1].steps
     assert accountant.epsilon(delta=entries[1].delta) == pytest.approx(entries[1].epsilon_after)
     assert independent_epsilon(history=entries[1].history, delta=entries[1].delta) == pytest.approx(
         entries[1].epsilon_after, rel=1e-6)
@@ -88,11 +94,18 @@ def test_budget_is_checked_before_training_and_exhaustion_is_not_an_error(tmp_pa
     store = state_of(config)
     assert store.meta()["rounds_trained"] == 0
     assert store.load("accountant", default=None) is None
-    # It stays available for evaluation.
-    context = node_context(node, config)
+    # It stays available for evaluation, which it withholds (a DP evaluation would exceed the cap too)...
     with task_identity():
-        evaluation = evaluate_on_node(server_message(tower, node_id=3, message_type="evaluate"), context)
-    assert evaluation.content["metrics"]["users"] > 0
+        evaluation = evaluate_on_node(server_message(tower, node_id=3, message_type="evaluate"),
+                                      node_context(node, config))  # fmt: skip
+    assert dict(evaluation.content["metrics"]) == {"num-examples": 1, "evaluation-withheld": 1}
+    # ...unless the site opts in to exact sums, which costs no epsilon and says so in the ledger.
+    with task_identity():
+        evaluation = evaluate_on_node(server_message(tower, node_id=3, message_type="evaluate"),
+                                      node_context({**node, "allow-raw-evaluation": True}, config))  # fmt: skip
+    assert evaluation.content["metrics"]["users"] > 0 and evaluation.content["metrics"]["raw-evaluation"] == 1
+    assert LedgerEntry.from_config_record(evaluation.content["ledger"]).status == "raw-evaluation"
+    assert store.load("accountant", default=None) is None
 
 
 def test_a_site_with_its_own_cap_refuses_a_run_without_dp(tmp_path):
@@ -109,8 +122,8 @@ def test_a_site_with_its_own_cap_refuses_a_run_without_dp(tmp_path):
 
 
 def test_target_epsilon_is_calibrated_once_and_reached_at_the_planned_end(tmp_path):
-    # Prepare: a run planned for 3 rounds at epsilon 4.
-    config = run_config(tmp_path, **{"target-epsilon": 4.0, "num-server-rounds": 3})
+    # Prepare: a run planned for 3 rounds at epsilon 4 (no evaluation, so training spends all of it).
+    config = run_config(tmp_path, **{"target-epsilon": 4.0, "num-server-rounds": 3, "fraction-evaluate": 0.0})
     # Execute: the planned rounds, then one more.
     entries, tower = [], None
     for server_round in (1, 2, 3, 4):
@@ -120,5 +133,7 @@ def test_target_epsilon_is_calibrated_once_and_reached_at_the_planned_end(tmp_pa
     assert len({e.noise_multiplier for e in entries}) == 1
     assert [e.status for e in entries] == ["trained", "trained", "trained", "budget-exhausted"]
     assert 3.9 <= entries[2].epsilon_after <= 4.0 * (1 + 1e-6)
+    # delta comes from the public population (here the DP count), never from the private n.
+    assert entries[0].delta == pytest.approx(1 / (10 * entries[0].population))
     users = len(state_of(config).load("users")["users"])  # every local user has training history
-    assert entries[0].delta == pytest.approx(1 / (10 * users))
+    assert entries[0].delta < 1 / users

@@ -17,6 +17,7 @@ from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.training import evaluate
+from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.sparse_tables import (
     LazyNoiseTable,
     clip_factors,
@@ -38,9 +39,11 @@ def make_trainer(data, unit, *, path, noise, rate=0.3, steps=4, seed=5, noise_se
     with torch.no_grad():
         model.user_tower.embedding.weight.normal_(0, 0.1)
     config = DPConfig(unit=unit, noise_multiplier=noise, max_grad_norm=0.3, sample_rate=rate, steps=steps,
-                      lr=lr, num_negatives=4, positives=2, history_len=10, seed=seed, embedding_path=path,
-                      table_lr=0.8, noise_seed=noise_seed)  # fmt: skip
-    return model, DPTrainer(model, config)
+                      lr=lr, num_negatives=4, positives=2, history_len=10, embedding_path=path,
+                      table_lr=0.8)  # fmt: skip
+    # Test-only seeds: the same samples and negatives on both paths; only the noise stream varies.
+    streams = {"noise": noise_seed} if noise_seed is not None else None
+    return model, DPTrainer(model, config, randomness=DPRandom.test_only_seeded(seed, stream_seeds=streams))
 
 
 def run(trainer, split):
@@ -88,7 +91,7 @@ def test_unread_rows_get_the_summed_variance_of_every_step_they_missed():
     # half-way (they get their noise then) and everything is released at the end.
     table = nn.Embedding(20_000, 1)
     nn.init.zeros_(table.weight)
-    lazy = LazyNoiseTable(table, generator=torch.Generator().manual_seed(0))
+    lazy = LazyNoiseTable(table, randomness=DPRandom.test_only_seeded(0))
     lr, noise_std, batch = 0.5, 2.0, 4.0
     # Execute
     with torch.no_grad():

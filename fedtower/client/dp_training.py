@@ -37,6 +37,7 @@ is its own whatever the batch size.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -44,10 +45,12 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fedtower.config import check_embedding_path
 from fedtower.data.prepared import UserHistories
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
+from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors, per_sample_row_grads
 
 log = logging.getLogger("fedtower.client")
@@ -71,11 +74,12 @@ class DPConfig:
     num_negatives: int = 64
     history_len: int = 200
     history_dropout: float = 0.5
-    seed: int = 0
     embedding_path: str = "sparse"  # "sparse" (lazy noise on touched rows) | "opacus" (dense)
     table_optimizer: str = "sgd"
     table_lr: float = 0.5
-    noise_seed: int | None = None  # None -> seed + 1
+    # The expected batch size the noisy sum is divided by: public (q x the public population), so the
+    # scale of the released noise says nothing about the private number of samples. None: q x n.
+    batch_divisor: float | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -91,7 +95,8 @@ class DPConfig:
         check_embedding_path(self.embedding_path, self.table_optimizer)
         if not self.table_lr > 0:
             raise ValueError(f"dp-table-lr must be positive, got {self.table_lr}.")
-
+        if self.batch_divisor is not None and not self.batch_divisor > 0:
+            raise ValueError(f"The batch divisor must be positive, got {self.batch_divisor}.")
 
 
 @dataclass
@@ -117,20 +122,43 @@ def num_dp_samples(unit: str, histories: UserHistories) -> int:
     return int((histories.lengths() > 0).sum()) if unit == "user" else int(histories.items.size)
 
 
-def _poisson(count: int, rate: float, generator: torch.Generator) -> np.ndarray:
-    return torch.nonzero(torch.rand(count, generator=generator) < rate).flatten().numpy()
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with its Gaussian noise drawn from fedtower's secure source.
+
+    Opacus's own `secure_mode` needs torchcsprng; this draws the same kind of noise (four
+    draws summed, from a cryptographic generator) from `DPRandom`.
+    """
+
+    def __init__(self, *args, randomness: DPRandom, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.randomness = randomness
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.randomness.gaussian_like(p.summed_grad, std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class DPTrainer:
-    """Runs `config.steps` DP-SGD steps on `model` for one round."""
+    """Runs `config.steps` DP-SGD steps on `model` for one round.
 
-    def __init__(self, model: TwoTower, config: DPConfig, *, item_optimizer_state: dict | None = None):
+    `randomness`: where the Poisson samples and every noise value come from. By default a
+    fresh `DPRandom` keyed from the OS; tests pass `DPRandom.test_only_seeded(...)`.
+    """
+
+    def __init__(self, model: TwoTower, config: DPConfig, *, randomness: DPRandom | None = None,
+                 item_optimizer_state: dict | None = None):  # fmt: skip
         self.model = model
         self.config = config
-        self.generator = torch.Generator().manual_seed(config.seed)  # Poisson sampling only
-        device = model.item_tower.id_embedding.weight.device
-        noise_seed = config.seed + 1 if config.noise_seed is None else config.noise_seed
-        self.noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
+        randomness = DPRandom() if randomness is None else randomness
+        self.randomness_source = randomness.source
+        # Separate streams, so that how much noise one path draws never changes which samples are drawn.
+        self.sampler = randomness.spawn("poisson")
+        self.randomness = randomness.spawn("noise")
+        # Shared negatives and per-sample augmentation: not what DP relies on, but secret all the same.
+        self.stream_seed = randomness.spawn("streams").integer_seed()
         self.step_index = 0
         user_table = model.user_tower.embedding
         if config.unit == "user" and user_table is not None:
@@ -148,7 +176,7 @@ class DPTrainer:
         self.dense_params = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
         self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=config.lr) if self.dense_params else None
         if config.embedding_path == "sparse":
-            self.tables = [LazyNoiseTable(*group, generator=self.noise_generator) for group in groups]
+            self.tables = [LazyNoiseTable(*group, randomness=self.randomness) for group in groups]
             self.table_optimizer = None
             # Opacus computes per-sample gradients of the dense layers only; the tables are read
             # through their own hooks.
@@ -162,13 +190,13 @@ class DPTrainer:
             self.table_optimizer = make(table_weights, lr=config.table_lr)
             self.hooked = [GradSampleModule(model, loss_reduction="sum")]
             # Opacus clips and noises every DP parameter; the table and dense optimizers then step.
-            self.noise_engine = DPOptimizer(
+            self.noise_engine = SecureNoiseDPOptimizer(
                 torch.optim.SGD(table_weights + self.dense_params, lr=0.0),
                 noise_multiplier=config.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
                 expected_batch_size=1,  # set per step to q * population, see step()
                 loss_reduction="mean",  # divides the noisy sum by expected_batch_size
-                generator=self.noise_generator,
+                randomness=self.randomness,
             )
         # Tests and audits may look at each step before its noise (never saved or sent):
         # inspect({"per_sample": B x P, "clipped_sum": P}) over the DP parameters in `dp_names`.
@@ -191,14 +219,14 @@ class DPTrainer:
     def _sample_generator(self, sample_id: int) -> torch.Generator:
         """Per-sample randomness keyed by (seed, step, sample): a sample's inputs never depend
         on which other samples were drawn, so neighbouring datasets differ in one sample only."""
-        key = (self.config.seed * 1_000_003 + self.step_index) * 10_000_019 + int(sample_id)
+        key = (self.stream_seed * 1_000_003 + self.step_index) * 10_000_019 + int(sample_id)
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
     def _shared_negatives(self, device) -> torch.Tensor:
-        """This step's M negatives, shared by every sample in it: drawn from (seed, step) alone,
-        never from the data, so they add no sensitivity (and a step reads few distinct rows)."""
+        """This step's M negatives, shared by every sample in it: drawn from (secret seed, step)
+        alone, never from the data, so they add no sensitivity (and a step reads few distinct rows)."""
         # A key space of its own (sample keys are (seed, step, sample id)).
-        key = np.random.SeedSequence([NEGATIVES_STREAM, self.config.seed, self.step_index]).generate_state(1)[0]
+        key = np.random.SeedSequence([NEGATIVES_STREAM, self.stream_seed, self.step_index]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(key))
         negatives = torch.randint(self.model.config.num_items, (self.config.num_negatives,), generator=generator)
         return negatives.to(device)
@@ -255,7 +283,7 @@ class DPTrainer:
             population = np.flatnonzero(histories.lengths() > 0)
         else:
             population = np.arange(len(samples))
-        rows = population[_poisson(len(population), cfg.sample_rate, self.generator)]
+        rows = population[self.sampler.poisson_sample(len(population), cfg.sample_rate)]
         self.step_index += 1
         self.model.train()  # per-sample hooks capture in training mode only
         self.zero_grads()
@@ -267,7 +295,8 @@ class DPTrainer:
             loss.backward()  # a per-sample sum: each sample's gradient is its own
             if free is not None and free.grad is not None:
                 self._update_users(rows, free.grad)
-        self.private_update(len(rows), expected_batch=max(1.0, cfg.sample_rate * len(population)))
+        divisor = cfg.batch_divisor if cfg.batch_divisor is not None else max(1.0, cfg.sample_rate * len(population))
+        self.private_update(len(rows), expected_batch=divisor)
         return len(rows)
 
     def private_update(self, batch: int, *, expected_batch: float) -> None:
@@ -322,12 +351,14 @@ class DPTrainer:
             self._inspect_sparse(batch, per_table, clip, squared)
         for table, reads in zip(self.tables, per_table):
             table.step(reads, clip, lr=cfg.table_lr, noise_std=noise_std, batch_divisor=expected_batch)
-        for p in self.dense_params:
+        # One draw for all dense parameters (each call to the secure source has a fixed cost).
+        sizes = [p.numel() for p in self.dense_params]
+        noise = self.randomness.standard_normal(sum(sizes), device=device).split(sizes) if sizes else []
+        for p, z in zip(self.dense_params, noise):
             summed = torch.zeros_like(p)
             if batch and p.grad_sample is not None:
                 summed = torch.einsum("i,i...->...", clip, p.grad_sample)
-            noise = torch.randn(p.shape, generator=self.noise_generator, device=p.device, dtype=p.dtype)
-            p.grad = (summed + noise_std * noise) / expected_batch
+            p.grad = (summed + noise_std * z.view_as(p).to(p.dtype)) / expected_batch
             p.grad_sample = None
 
     def _inspect_sparse(self, batch: int, per_table: list, clip: torch.Tensor, squared: torch.Tensor) -> None:
@@ -387,7 +418,8 @@ class DPTrainer:
 
 
 def _flat(per_sample: list[torch.Tensor], batch: int) -> torch.Tensor:
-    return torch.cat([g.reshape(batch, -1) for g in per_sample], dim=1)  # B x P
+    # The width from the shape, not -1: an empty Poisson batch (B = 0) cannot infer it.
+    return torch.cat([g.reshape(batch, math.prod(g.shape[1:])) for g in per_sample], dim=1)  # B x P
 
 
 def _cpu_state(optimizer: torch.optim.Optimizer) -> dict:

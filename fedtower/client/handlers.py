@@ -1,13 +1,16 @@
 """The client's work for each Flower message, as plain functions.
 
 `client_app.py` only routes messages here. What is sent back is exactly the
-item tower (ITEM_TOWER keys) and a few aggregate metrics; user embeddings,
-user ids and per-user counts stay in the node's state dir.
+item tower (ITEM_TOWER keys) and a few aggregate numbers; user embeddings,
+user ids and per-user counts stay in the node's state dir. In a DP run every
+number sent is DP and charged to the node's accountant, or not sent (see
+`private_train_content`, `dp_evaluate_content`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtower.client.local import (
+    NodeData,
     build_model,
     load_node_data,
     load_user_embeddings,
@@ -25,18 +29,33 @@ from fedtower.client.local import (
     state_dir_of,
     user_embeddings_payload,
 )
-from fedtower.client.private_round import load_accountant, plan_round, train_private_round
+from fedtower.client.node_settings import NodeSettings
+from fedtower.client.private_round import (
+    EPSILON_SLACK,
+    ReleasePlan,
+    budget_cap,
+    calibrate,
+    load_accountant,
+    plan_evaluation,
+    plan_training,
+    train_private_round,
+)
+from fedtower.client.rollback import SEQUENCE_KEY, RollbackCounter
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.metrics import RankingSums
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
 from fedtower.models.two_tower import TwoTower
+from fedtower.privacy.accounting import compose
+from fedtower.privacy.dp_evaluation import SENSITIVITY, NoisyEvaluation
 from fedtower.privacy.ledger import LedgerEntry, library_versions, pseudonymous_node_id
+from fedtower.privacy.secure_random import DPRandom
 from fedtower.strategies.item_tower import arrays_digest
 
 log = logging.getLogger("fedtower.client")
 
 RECEIVED_KEPT = 10  # rounds of received-tower digests kept in meta
+DP_USERS = "dp_users"  # interaction unit: the user table as DP-SGD left it, never touched by serving
 
 
 def settings_of(message: Message, context: Context, run_config: Mapping | None = None) -> RunSettings:
@@ -51,15 +70,25 @@ def settings_of(message: Message, context: Context, run_config: Mapping | None =
     return settings
 
 
-def open_state(settings: RunSettings, context: Context) -> ClientStateStore:
-    state_dir, may_create = state_dir_of(settings, context.node_config)
+def open_state(settings: RunSettings, node: NodeSettings) -> ClientStateStore:
+    state_dir, may_create = state_dir_of(settings, node)
     if not may_create and not state_dir.is_dir():
         # Never created here: a lost state dir must not silently restart a client from zero.
         raise StateError(
             f"The node's state-dir {state_dir} does not exist. Create it once when setting up the "
             "site (mkdir -m 700); if it existed before, restore it from backup instead."
         )
-    return ClientStateStore.for_node(state_dir, context.node_config, create=may_create)
+    store = ClientStateStore.for_node(state_dir, node, create=may_create)
+    if node.deployed and store.key_id is None and not node.allow_plaintext_state:
+        # Unkeyed checksums can be recomputed by anyone who can write the directory (a forged, empty
+        # accountant would pass), so a deployed node keeps its state authenticated unless the site opts out.
+        raise StateError(
+            f"This node keeps its private state in {state_dir} without a state key, so anyone who can write "
+            "there can rewrite its privacy accountant undetected. Give it a key (node config state-key-file; "
+            "`fedtower state keygen KEYFILE`, then `fedtower state encrypt` for an existing state), or accept "
+            "plaintext state explicitly with allow-plaintext-state = true in the node config."
+        )
+    return store
 
 
 def load_global_item_tower(model: TwoTower, arrays: ArrayRecord) -> None:
@@ -72,16 +101,25 @@ class BudgetRefusal(RuntimeError):
     """The site capped its epsilon, and the run would train without DP (unbounded epsilon)."""
 
 
-def refuse_unbounded_training(settings: RunSettings, node_config: Mapping) -> None:
+def refuse_unbounded_training(settings: RunSettings, node: NodeSettings) -> None:
     """A site that set its own `max-epsilon` never trains without DP: that would spend an
     unbounded epsilon, whatever the coordinator's run config says."""
-    if "max-epsilon" in node_config and not settings.dp_enabled:
+    if node.max_epsilon is not None and not settings.dp_enabled:
         raise BudgetRefusal(
-            f"This site set max-epsilon = {node_config['max-epsilon']} in its node config, but the run "
+            f"This site set max-epsilon = {node.max_epsilon} in its node config, but the run "
             "trains without differential privacy (no noise-multiplier or target-epsilon in its run "
             "config), which has no epsilon bound: refusing to train. Ask the coordinator for a DP run, or "
             "remove max-epsilon from this SuperNode's node config to allow non-private training."
         )
+
+
+def dp_randomness(node: NodeSettings, server_round: int) -> DPRandom:
+    """The round's DP randomness: keyed from the OS, unless the site set the test-only seed."""
+    if node.test_only_insecure_dp_seed is None:
+        return DPRandom()
+    log.warning("Node config test-only-insecure-dp-seed is set: this round's DP noise is reproducible by "
+                "anyone who knows the seed, so it is NOT private. Never set it outside tests.")  # fmt: skip
+    return DPRandom.test_only_seeded(node.test_only_insecure_dp_seed * 1_000_003 + server_round)
 
 
 def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
@@ -95,48 +133,56 @@ def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
         loss=settings.loss,
         num_negatives=settings.num_negatives,
         user_l2=settings.user_l2,
-        seed=settings.seed * 100_003 + server_round,
+        seed=settings.seed * 100_003 + server_round,  # no DP here: reproducible on purpose
     )
+
+
+def _node(context: Context) -> NodeSettings:
+    return NodeSettings.from_node_config(context.node_config)
 
 
 def train_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
     started = time.perf_counter()
     settings = settings_of(message, context, run_config)
-    refuse_unbounded_training(settings, context.node_config)
+    node = _node(context)
+    refuse_unbounded_training(settings, node)
     config: ConfigRecord = message.content["config"]
     server_round = int(config.get("server-round", 0))
-    state = open_state(settings, context)
-    data = load_node_data(settings, context.node_config)
-    device = pick_device(settings.device)
-
-    model = build_model(settings, data.catalogue, len(data.users))
-    load_global_item_tower(model, message.content["arrays"])
-    global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
-    load_user_embeddings(model, data.users, state.load("users", default=None))
-    meta = state.load("meta", default={}) or {}
-    meta = {**meta, "serving": serving_meta(settings, context.node_config)}  # lets `fedtower recommend` find the data
-    if settings.dp_enabled:
-        return _train_private(message, context, settings, state, data, model, global_snapshot, meta,
-                              server_round, device)  # fmt: skip
-
-    model.to(device)
-    train_config = local_train_config(settings, server_round)
-    optimizer = make_optimizer(model, train_config)
-    saved_optimizer = state.load("optimizer", default=None)
-    if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
-        optimizer.load_state_dict(saved_optimizer)
-    logs = train(model, data.split.train, train_config, optimizer=optimizer)
-    model.cpu()
-    state.save(
-        {
-            "users": user_embeddings_payload(model, data.users),
-            "optimizer": private_optimizer_state(optimizer, item_tower=settings.keep_item_moments),
-            "item_tower": global_snapshot,  # the latest global tower, for serving
-            "meta": _next_meta(meta, message, server_round, data.source),
-        }
-    )
-    content = train_content(ArrayRecord(model.item_tower_state()), num_examples=len(data.users),
-                            train_loss=float(logs[-1]["loss"]), seconds=time.perf_counter() - started)  # fmt: skip
+    state = open_state(settings, node)
+    with state.round_lock(node.train_lock_timeout):
+        data = load_node_data(settings, node)
+        model = build_model(settings, data.catalogue, len(data.users))
+        load_global_item_tower(model, message.content["arrays"])
+        global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
+        meta = state.load("meta", default={}) or {}
+        meta = {**meta, "serving": serving_meta(settings, node)}  # lets `fedtower recommend` find the data
+        if settings.dp_enabled:
+            return _train_private(message, context, settings, node, state, data, model, global_snapshot, meta,
+                                  server_round)  # fmt: skip
+        load_user_embeddings(model, data.users, state.load("users", default=None))
+        model.to(pick_device(settings.device))
+        train_config = local_train_config(settings, server_round)
+        optimizer = make_optimizer(model, train_config)
+        saved_optimizer = state.load("optimizer", default=None)
+        if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
+            optimizer.load_state_dict(saved_optimizer)
+        logs = train(model, data.split.train, train_config, optimizer=optimizer)
+        model.cpu()
+        state.save(
+            {
+                "users": user_embeddings_payload(model, data.users),
+                "optimizer": private_optimizer_state(optimizer, item_tower=settings.keep_item_moments),
+                "item_tower": global_snapshot,  # the latest global tower, for serving
+                "meta": _next_meta(meta, message, server_round, data.source),
+            }
+        )
+    arrays = ArrayRecord(model.item_tower_state())
+    if settings.client_dp != "off":
+        # Client-level DP: the update is clipped and noised across clients; a loss or a time of this one
+        # person's training would leave outside that guarantee.
+        return Message(content=client_dp_train_content(arrays), reply_to=message)
+    content = train_content(arrays, num_examples=len(data.users), train_loss=float(logs[-1]["loss"]),
+                            seconds=time.perf_counter() - started)  # fmt: skip
     return Message(content=content, reply_to=message)
 
 
@@ -150,6 +196,11 @@ def train_content(arrays: ArrayRecord, *, num_examples: int, train_loss: float, 
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
+def client_dp_train_content(arrays: ArrayRecord) -> RecordDict:
+    """A round under client-level DP: the item tower and the equal weight Flower's wrapper checks."""
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+
+
 def private_train_content(arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> RecordDict:
     """A DP round: the item tower, a constant weight, the budget status and the ledger entry."""
     # Constant weight: an example count would leak the site's size to the aggregate.
@@ -158,10 +209,31 @@ def private_train_content(arrays: ArrayRecord, entry: LedgerEntry, *, exhausted:
 
 
 def evaluate_content(sums: RankingSums) -> RecordDict:
-    """An evaluation: ranking sums over the local users (mergeable), nothing per user."""
+    """An evaluation without DP: ranking sums over the local users (mergeable), nothing per user."""
     payload = sums.to_dict()
     payload["num-examples"] = max(sums.users, 1)
     return RecordDict({"metrics": MetricRecord(payload)})
+
+
+def dp_evaluate_content(release: NoisyEvaluation, entry: LedgerEntry) -> RecordDict:
+    """A DP evaluation: six noisy sums, their noise level, and the ledger entry that charged them."""
+    payload = {**release.to_metrics(), "num-examples": 1}
+    return RecordDict({"metrics": MetricRecord(payload), "ledger": entry.to_config_record()})
+
+
+def raw_evaluate_content(sums: RankingSums, entry: LedgerEntry | None) -> RecordDict:
+    """Exact sums in a DP run, because the site opted in (node config allow-raw-evaluation)."""
+    content = evaluate_content(sums)
+    content["metrics"]["raw-evaluation"] = 1
+    if entry is not None:
+        content["ledger"] = entry.to_config_record()
+    return content
+
+
+def withheld_evaluate_content(reason: str) -> RecordDict:
+    """Nothing measured is sent: the budget would be exceeded, or no DP evaluation fits the run."""
+    log.info("Evaluation withheld: %s", reason)
+    return RecordDict({"metrics": MetricRecord({"num-examples": 1, "evaluation-withheld": 1})})
 
 
 def _next_meta(meta: dict, message: Message, server_round: int, source: str, trained: bool = True) -> dict:
@@ -173,85 +245,205 @@ def _next_meta(meta: dict, message: Message, server_round: int, source: str, tra
             "data_source": source, "received": received}  # fmt: skip
 
 
-def _train_private(message, context, settings, state, data, model, global_snapshot, meta, server_round,
-                   device) -> Message:  # fmt: skip
+# ---------------------------------------------------------------- DP rounds
+
+
+class _PrivateRound:
+    """What every DP release on a node shares: the checked state, the accountant, the calibration.
+
+    Built inside the node's round lock, so that the budget check, the release and the
+    accountant's save are one read-modify-write (a second round waits for this one).
+    """
+
+    def __init__(self, settings: RunSettings, node: NodeSettings, state: ClientStateStore, data: NodeData,
+                 context: Context, server_round: int, meta: dict | None = None):  # fmt: skip
+        self.settings, self.node, self.state, self.data = settings, node, state, data
+        self.server_round = server_round
+        self.counter = RollbackCounter(node.counter_path, state.state_dir)
+        self.counter.check(state)
+        self.accountant = load_accountant(state)
+        self.randomness = dp_randomness(node, server_round)
+        saved_calibration = state.load("calibration", default=None)
+        self.calibration, self.count = calibrate(settings, node, data.split.train, self.accountant,
+                                                 saved_calibration, self.randomness)  # fmt: skip
+        self.previous_delta = (saved_calibration or {}).get("delta")
+        self.meta = dict(meta if meta is not None else state.load("meta", default={}) or {})
+        self.node_name = _pseudonym(self.meta, context.node_id, settings.run_name)
+        self.cap = budget_cap(settings, node)
+
+    @property
+    def blind(self) -> bool:
+        """The run's DP count is due but does not fit in the budget: nothing may reveal it (or what
+        depends on it: the sampling rate, the default delta), and nothing is charged."""
+        return bool(self.count) and self.accountant.epsilon_with(
+            self.count, delta=self.calibration.delta) > self.cap * (1 + EPSILON_SLACK)
+
+    def entry(self, plan: ReleasePlan, *, status: str, added: list, mechanism: str = "none",
+              max_grad_norm: float | None = None) -> LedgerEntry:  # fmt: skip
+        calibration, accountant = self.calibration, self.accountant
+        noise, rate, _ = plan.own
+        delta, population, source = calibration.delta, calibration.population, calibration.population_source
+        if self.blind:
+            # Placeholders that say nothing about this run's count: an earlier run's public delta (or, for a
+            # node that never spent anything, any delta: epsilon is 0), no sampling rate, no population.
+            rate, population, source = 1.0, 0, "unrecorded"
+            delta = self.previous_delta or self.node.max_delta or PLACEHOLDER_DELTA
+        return LedgerEntry(
+            run=self.settings.run_name,
+            round=self.server_round,
+            node=self.node_name,
+            unit=calibration.unit,
+            noise_multiplier=noise,
+            sample_rate=rate,
+            steps=plan.steps if status == "trained" else 0,
+            max_grad_norm=max_grad_norm or self.settings.max_grad_norm,
+            delta=delta,
+            accountant=self.node.accountant,
+            epsilon_before=accountant.epsilon(delta=delta),
+            epsilon_after=accountant.epsilon_with(added, delta=delta),
+            status=status,
+            weights="constant",
+            history=[list(h) for h in compose(accountant.history, added)],
+            versions=library_versions(),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            added=[list(a) for a in added],
+            mechanism=mechanism,
+            population=population,
+            population_source=source,
+            randomness=self.randomness.source,
+            raw_evaluation=self.node.allow_raw_evaluation,
+        )
+
+    def pending_count(self) -> list:
+        """The run's DP count when it must be charged with a release that reveals it, else []."""
+        return [] if self.blind else list(self.count)
+
+    def commit(self, components: dict, added: list, entry: LedgerEntry) -> None:
+        """Charge `added` and save it with `components` in one atomic write, then advance the
+        rollback counter and log the entry: the accountant never lags behind what is released."""
+        meta = components.pop("meta", self.meta)
+        if self.blind:  # nothing charged, no calibration kept: the count was never released
+            self.state.save({**components, "meta": meta})
+        else:
+            self.accountant.charge(added)
+            meta = {**meta, SEQUENCE_KEY: int(meta.get(SEQUENCE_KEY, 0)) + 1}
+            self.state.save({**components, "accountant": self.accountant.state_dict(),
+                             "calibration": self.calibration.to_dict(), "meta": meta})  # fmt: skip
+            self.counter.advance(self.state)
+        self.state.append_ledger(entry.to_dict())
+
+
+PLACEHOLDER_DELTA = 1e-5
+
+
+def _pseudonym(meta: dict, node_id: int, run: str) -> str:
+    """This node's name in the run's ledger: an HMAC of its node id under a secret of its own for the run,
+    kept in its state (so it stays the same for the run, and nobody can link it to the node id)."""
+    keys = dict(meta.get("pseudonym_keys") or {})
+    if run not in keys:
+        keys[run] = os.urandom(32).hex()
+        meta["pseudonym_keys"] = keys
+    return pseudonymous_node_id(node_id, run, bytes.fromhex(keys[run]))
+
+
+def _train_private(message, context, settings, node, state, data, model, global_snapshot, meta,
+                   server_round) -> Message:  # fmt: skip
     """A DP round: budget check first; replies carry a constant weight and the ledger entry only."""
-    accountant = load_accountant(state)
-    plan, calibration = plan_round(settings, context.node_config, data.split.train, accountant,
-                                   state.load("calibration", default=None))  # fmt: skip
-    node = pseudonymous_node_id(context.node_id, settings.run_name)
+    round_ = _PrivateRound(settings, node, state, data, context, server_round, meta)
+    plan = plan_training(round_.calibration, round_.accountant, round_.count, round_.cap)
     if plan.exhausted:
         log.warning("Node %s: this round would reach epsilon %.3f > cap %.3f; not training (budget "
-                    "exhausted).", node, plan.epsilon_after, plan.cap)  # fmt: skip
-        entry = ledger_entry(settings, plan, node, server_round, accountant, status="budget-exhausted")
-        state.append_ledger(entry.to_dict())
-        state.save({"item_tower": global_snapshot,
-                    "meta": _next_meta(meta, message, server_round, data.source, trained=False)})  # fmt: skip
+                    "exhausted).", round_.node_name, plan.epsilon_after, plan.cap)  # fmt: skip
+        added = round_.pending_count()  # a refusal that names the sampling rate releases the count
+        entry = round_.entry(plan, status="budget-exhausted", added=added)
+        round_.commit({"item_tower": global_snapshot,
+                       "meta": _next_meta(round_.meta, message, server_round, data.source, trained=False)},
+                      added, entry)  # fmt: skip
         return _private_reply(message, message.content["arrays"], entry, exhausted=True)
 
-    model.to(device)
-    item_state = state.load("dp_optimizer", default=None)
-    dp_state = train_private_round(model, data.split.train, settings, plan, accountant,
-                                   seed=settings.seed * 100_003 + server_round,
-                                   item_optimizer_state=item_state)  # fmt: skip
+    interaction = settings.privacy_unit == "interaction"
+    # The interaction unit trains the user table inside DP: start from the table DP last left, never from
+    # rows serving re-fitted outside DP (`users`), which would break the per-event bound.
+    load_user_embeddings(model, data.users, state.load(DP_USERS if interaction else "users", default=None))
+    model.to(pick_device(settings.device))
+    dp_state = train_private_round(model, data.split.train, settings, plan, randomness=round_.randomness,
+                                   item_optimizer_state=state.load("dp_optimizer", default=None))  # fmt: skip
     model.cpu()
-    entry = ledger_entry(settings, plan, node, server_round, accountant, status="trained")
-    # One atomic save: the accountant can never lag behind what was trained and released.
-    state.save(
-        {
-            "users": user_embeddings_payload(model, data.users),
-            "dp_optimizer": dp_state if settings.keep_item_moments else {},
-            "accountant": accountant.state_dict(),
-            "calibration": calibration,
-            "item_tower": global_snapshot,
-            "meta": _next_meta(meta, message, server_round, data.source),
-        }
-    )
-    state.append_ledger(entry.to_dict())
+    entry = round_.entry(plan, status="trained", added=plan.added, mechanism="dp-sgd")
+    users = user_embeddings_payload(model, data.users)
+    components = {
+        "users": users,
+        "dp_optimizer": dp_state if settings.keep_item_moments else {},
+        "item_tower": global_snapshot,
+        "meta": _next_meta(round_.meta, message, server_round, data.source),
+    }
+    if interaction:
+        components[DP_USERS] = users
+    round_.commit(components, plan.added, entry)
     return _private_reply(message, ArrayRecord(model.item_tower_state()), entry, exhausted=False)
-
-
-def ledger_entry(settings, plan, node: str, server_round: int, accountant, *, status: str) -> LedgerEntry:
-    return LedgerEntry(
-        run=settings.run_name,
-        round=server_round,
-        node=node,
-        unit=plan.unit,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps if status == "trained" else 0,
-        max_grad_norm=settings.max_grad_norm,
-        delta=plan.delta,
-        accountant="rdp",
-        epsilon_before=plan.epsilon_before,
-        epsilon_after=accountant.epsilon(delta=plan.delta) if accountant.history else 0.0,
-        status=status,
-        weights="constant",
-        history=[list(h) for h in accountant.history],
-        versions=library_versions(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
 
 
 def _private_reply(message: Message, arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> Message:
     return Message(content=private_train_content(arrays, entry, exhausted=exhausted), reply_to=message)
 
 
+# ---------------------------------------------------------------- evaluation
+
+
 def evaluate_on_node(message: Message, context: Context, run_config: Mapping | None = None) -> Message:
-    """Rank the whole catalogue for each local user with their private embedding; send sums only."""
+    """Rank the whole catalogue for each local user with their private embedding; send sums only.
+
+    In a DP run the sums are released with DP noise and charged (or withheld), never exact,
+    unless the site opted in to exact sums (node config allow-raw-evaluation).
+    """
     settings = settings_of(message, context, run_config)
-    state = open_state(settings, context)
-    data = load_node_data(settings, context.node_config)
-    model = build_model(settings, data.catalogue, len(data.users))
-    load_global_item_tower(model, message.content["arrays"])
-    load_user_embeddings(model, data.users, state.load("users", default=None))
-    interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
-    model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
-    sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
-                    pool_history=not interaction_dp)  # fmt: skip
-    if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
-        state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
-    return Message(content=evaluate_content(sums), reply_to=message)
+    node = _node(context)
+    state = open_state(settings, node)
+    dp_run = settings.dp_enabled or settings.client_dp != "off"
+    with state.round_lock(node.train_lock_timeout):
+        data = load_node_data(settings, node)
+        model = build_model(settings, data.catalogue, len(data.users))
+        load_global_item_tower(model, message.content["arrays"])
+        interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
+        load_user_embeddings(model, data.users, state.load(DP_USERS if interaction_dp else "users", default=None))
+        model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
+        sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
+                        pool_history=not interaction_dp)  # fmt: skip
+        if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
+            state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
+        if not dp_run:
+            return Message(content=evaluate_content(sums), reply_to=message)
+        if not settings.dp_enabled:  # client-level DP: no local accountant to charge a DP evaluation to
+            if node.allow_raw_evaluation:
+                log.warning("Releasing exact evaluation sums in a client-level DP run (node config "
+                            "allow-raw-evaluation = true).")  # fmt: skip
+                return Message(content=raw_evaluate_content(sums, None), reply_to=message)
+            return Message(content=withheld_evaluate_content(
+                "client-level DP protects the update, not a per-client evaluation; set allow-raw-evaluation in "
+                "the node config to release exact sums"), reply_to=message)  # fmt: skip
+        server_round = int(message.content["config"].get("server-round", 0))
+        content = _evaluate_private(settings, node, state, data, context, server_round, sums)
+        return Message(content=content, reply_to=message)
+
+
+def _evaluate_private(settings, node, state, data, context, server_round, sums: RankingSums) -> RecordDict:
+    round_ = _PrivateRound(settings, node, state, data, context, server_round)
+    plan = plan_evaluation(round_.calibration, round_.accountant, round_.count, round_.cap)
+    if node.allow_raw_evaluation:
+        log.warning("Node %s releases exact evaluation sums in a DP run (node config allow-raw-evaluation).",
+                    round_.node_name)  # fmt: skip
+        added = round_.pending_count()
+        entry = round_.entry(plan, status="raw-evaluation", added=added, max_grad_norm=SENSITIVITY)
+        round_.commit({}, added, entry)
+        return raw_evaluate_content(sums, entry)
+    if plan.exhausted:
+        return withheld_evaluate_content(f"a DP evaluation would reach epsilon {plan.epsilon_after:.3f} > cap "
+                                         f"{plan.cap:.3f}")  # fmt: skip
+    release = NoisyEvaluation.release(sums, noise_multiplier=round_.calibration.eval_noise_multiplier,
+                                      randomness=round_.randomness)  # fmt: skip
+    entry = round_.entry(plan, status="evaluated", added=plan.added, mechanism="gaussian", max_grad_norm=SENSITIVITY)
+    round_.commit({}, plan.added, entry)
+    return dp_evaluate_content(release, entry)
 
 
 def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
@@ -265,3 +457,12 @@ def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
         if index >= len(params) or avg is None or tuple(avg.shape) != tuple(params[index].shape):
             return False
     return True
+
+
+def ledger_entry_placeholder(settings: RunSettings) -> LedgerEntry:
+    """A ledger entry with placeholder numbers, to show a site which fields its replies carry."""
+    return LedgerEntry(run=settings.run_name or "run", round=1, node="node", unit=settings.privacy_unit,
+                       noise_multiplier=1.0, sample_rate=1.0, steps=1, max_grad_norm=settings.max_grad_norm,
+                       delta=1e-5, accountant="rdp", epsilon_before=0.0, epsilon_after=0.0, status="trained",
+                       weights="constant", history=[[1.0, 1.0, 1]], population=1, population_source="declared",
+                       randomness=DPRandom().source)  # fmt: skip

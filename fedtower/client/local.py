@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedtower.client.events import EventLog, merge_events
+from fedtower.client.node_settings import NodeSettings, as_node_settings
 from fedtower.client.state import ClientStateStore
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
@@ -59,27 +61,28 @@ class NodeData:
         return self.split.users
 
 
-def load_node_data(settings: RunSettings, node_config: dict) -> NodeData:
+def load_node_data(settings: RunSettings, node: NodeSettings | Mapping) -> NodeData:
     """Simulation: a partition of the run's dataset. Deployment: node config `data-path`."""
-    if "data-path" in node_config:
+    node = as_node_settings(node)
+    if node.data_path is not None:
         dataset = cached_dataset(settings.data)
-        path = Path(str(node_config["data-path"])).expanduser()
+        path = node.data_path
         events, report = load_event_log(path, catalogue=dataset.catalogue, on_error="skip")
         if report.rows_skipped:
             # Unknown items and bad rows are reported, never silently dropped.
             log.warning("Local data validation: %s", report.summary(max_issues=10))
-        events = merge_events(events, _recorded_events(settings, node_config, dataset.catalogue))
+        events = merge_events(events, _recorded_events(settings, node, dataset.catalogue))
         if events.empty:
             raise ValueError(f"The node's data ({path}) holds no valid events.")
         local = Dataset(dataset.catalogue, events, name=str(path))
         return NodeData(dataset.catalogue, prepare_split(local), str(path))
-    if "partition-id" in node_config:
-        partition_id = int(node_config["partition-id"])
+    if node.partition_id is not None:
+        partition_id = node.partition_id
         default = settings.num_sites if settings.partitioning == "sites" else 0  # 0: one per user
-        num_partitions = int(node_config.get("num-partitions", default))
+        num_partitions = node.num_partitions if node.num_partitions is not None else default
         config = partition_config(settings, num_partitions)
         dataset = cached_dataset(settings.data)
-        recorded = _recorded_events(settings, node_config, dataset.catalogue)
+        recorded = _recorded_events(settings, node, dataset.catalogue)
         if recorded.empty:
             return _cached_partition(settings.data, config, partition_id)
         # Events recorded while serving are the site's own data: train on them next round.
@@ -110,31 +113,32 @@ def _partition_dataset(spec: str, config: PartitionConfig, partition_id: int) ->
     return local
 
 
-def _recorded_events(settings: RunSettings, node_config: dict, catalogue: Catalogue):
+def _recorded_events(settings: RunSettings, node: NodeSettings, catalogue: Catalogue):
     """Events recorded while serving (the state's event log), validated; empty when none."""
     try:
-        state_dir, _ = state_dir_of(settings, node_config)
+        state_dir, _ = state_dir_of(settings, node)
     except ValueError:
         return empty_events()
     if not any(state_dir.glob("events*.jsonl")):
         return empty_events()
-    events, report = EventLog(ClientStateStore.for_node(state_dir, node_config)).load(catalogue)
+    events, report = EventLog(ClientStateStore.for_node(state_dir, node)).load(catalogue)
     if report.rows_skipped:
         log.warning("Event log validation: %s", report.summary(max_issues=10))
     return events
 
 
-def state_dir_of(settings: RunSettings, node_config: dict) -> tuple[Path, bool]:
+def state_dir_of(settings: RunSettings, node: NodeSettings | Mapping) -> tuple[Path, bool]:
     """The node's state dir, and whether the client may create it.
 
     Deployment names it in node config (`state-dir`) and the site creates it
     beforehand, so a missing directory is an error rather than a fresh start.
     Simulation keeps one per partition under the run.
     """
-    if "state-dir" in node_config:
-        return Path(str(node_config["state-dir"])).expanduser(), False
-    if "partition-id" in node_config:
-        return settings.node_state_dir(int(node_config["partition-id"])), True
+    node = as_node_settings(node)
+    if node.state_dir is not None:
+        return node.state_dir, False
+    if node.partition_id is not None:
+        return settings.node_state_dir(node.partition_id), True
     raise ValueError("This node has no `state-dir` in its node config.")
 
 
@@ -185,13 +189,14 @@ def user_embeddings_payload(model: TwoTower, users: list[str]) -> dict:
     return {"users": list(users), "embeddings": weight}
 
 
-def serving_meta(settings: RunSettings, node_config: dict) -> dict:
+def serving_meta(settings: RunSettings, node: NodeSettings | Mapping) -> dict:
     """What serving needs to rebuild this node's model and data from its state dir alone.
 
     Public settings only (the run config and where the node's data lives), kept in meta.
     """
+    raw = as_node_settings(node).raw
     keep = ("data-path", "partition-id", "num-partitions")
     return {
         "run_config": settings.to_run_config(),
-        "node_config": {k: node_config[k] for k in keep if k in node_config},
+        "node_config": {k: raw[k] for k in keep if k in raw},
     }

@@ -1,45 +1,79 @@
-"""One DP training round on a client: calibrate, check the budget, train, account, log.
+"""One DP round on a client: calibrate once per run, check the site's limits and budget, train, account.
 
-The client owns its budget. Before training it computes the epsilon this
-round would reach; past its cap it does not train and says "budget exhausted"
-(not an error). The accountant lives in the client's state dir and composes
-over every step of every round, across runs and restarts; if it is missing or
-unreadable after the client has trained, the client refuses to train.
+The client owns its guarantee. What it may spend and how is set by the site
+(`NodeSettings`: max-epsilon, max-delta, min-noise-multiplier, a declared
+population); the coordinator's run config may only ask for more privacy.
+
+What is released never depends on the exact number n of the site's privacy
+units: the sampling rate q = dp-batch-size / N, the steps per round, delta =
+1 / (10 N) and the divisor of the noisy sum (q N) all use a public population
+N, either declared by the site (`dp-population-users` / `-events`) or a DP
+count (n plus Gaussian noise of std `dp-count-noise`, sensitivity 1, then
+shifted up by two stds), released once per run and charged to the accountant. Poisson sampling at rate q is a
+valid sampled Gaussian mechanism whatever the true n.
+
+Before it trains, the client computes the ε the round would reach; past its
+cap it does not train and says "budget exhausted" (not an error). The
+accountant lives in the client's state dir and composes over every release of
+every round (DP-SGD steps, DP counts, DP evaluations), across runs and restarts;
+if it is missing or unreadable after the client has trained, the client refuses
+to train.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import torch
 
 from fedtower.client.dp_training import DPConfig, DPTrainer, num_dp_samples
+from fedtower.client.node_settings import NodeSettings
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.data.prepared import UserHistories
 from fedtower.models.two_tower import TwoTower
-from fedtower.privacy.accounting import ClientAccountant, default_delta, noise_multiplier_for
+from fedtower.privacy.accounting import ClientAccountant, HistoryEntry, compose, noise_multiplier_for
+from fedtower.privacy.secure_random import DPRandom
 
 log = logging.getLogger("fedtower.client")
 
 EPSILON_SLACK = 1e-6  # relative: calibration lands on the target up to float rounding
+CALIBRATION_FORMAT = 2
+COUNT_SHIFT = 2.0  # the DP count is published as n + noise + 2 x its std: N >= n but for 2.3% of draws
+
+
+class PrivacyRefusal(RuntimeError):
+    """The run asks for less privacy than this site allows (or for a delta that protects nobody)."""
 
 
 @dataclass(frozen=True)
-class RoundPlan:
-    unit: str
-    num_samples: int
-    sample_rate: float
-    steps: int
-    noise_multiplier: float
-    delta: float
-    epsilon_before: float
-    epsilon_after: float
-    cap: float  # math.inf when uncapped
+class Calibration:
+    """A run's public planning numbers at one node, fixed at its first DP release of the run."""
 
-    @property
-    def exhausted(self) -> bool:
-        return self.epsilon_after > self.cap * (1 + EPSILON_SLACK)
+    run: str
+    unit: str
+    population: int  # public: declared by the site, or a DP count
+    population_source: str  # "declared" | "dp-count"
+    sample_rate: float
+    steps_per_round: int
+    batch_divisor: float  # q x population: the expected batch the noisy sum is divided by
+    delta: float
+    noise_multiplier: float
+    eval_noise_multiplier: float
+    planned_evaluations: int
+    format: int = CALIBRATION_FORMAT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict | None) -> Calibration | None:
+        """A saved calibration; None for none, or for one of an older format (the run re-plans)."""
+        if not saved or saved.get("format") != CALIBRATION_FORMAT:
+            return None
+        return cls(**saved)
 
 
 def load_accountant(state: ClientStateStore) -> ClientAccountant:
@@ -62,85 +96,206 @@ def load_accountant(state: ClientStateStore) -> ClientAccountant:
     return accountant
 
 
-def budget_cap(settings: RunSettings, node_config: dict) -> float:
+def budget_cap(settings: RunSettings, node: NodeSettings) -> float:
     """The tightest of the site's own max-epsilon, the run's max-epsilon and its target."""
-    caps = [float(node_config["max-epsilon"])] if "max-epsilon" in node_config else []
+    caps = [node.max_epsilon] if node.max_epsilon is not None else []
     caps += [v for v in (settings.max_epsilon, settings.target_epsilon) if v > 0]
     return min(caps) if caps else math.inf
 
 
-def plan_round(
+def planned_evaluations(settings: RunSettings, node: NodeSettings) -> int:
+    """DP evaluations this node may be asked for in the run (none when it releases exact sums)."""
+    if settings.fraction_evaluate == 0 or node.allow_raw_evaluation:
+        return 0
+    rounds = settings.num_server_rounds
+    return sum(1 for r in range(1, rounds + 1) if r % settings.eval_every == 0 or r == rounds)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def calibrate(
     settings: RunSettings,
-    node_config: dict,
+    node: NodeSettings,
     histories: UserHistories,
     accountant: ClientAccountant,
-    calibration: dict | None,
-) -> tuple[RoundPlan, dict]:
-    """What this round will cost; the calibration (noise for the whole run) is made once and kept."""
+    saved: dict | None,
+    randomness: DPRandom,
+) -> tuple[Calibration, list[HistoryEntry]]:
+    """This run's calibration, and the DP count it must charge now ([] when it has none to release).
+
+    A calibration saved for this run is reused; the site's limits are checked again every
+    round (the site may have tightened its node config since).
+    """
     unit = settings.privacy_unit
     num_samples = num_dp_samples(unit, histories)
     if num_samples < 1:
         raise ValueError(f"This node has no DP samples at the {unit} level, so it cannot train.")
-    sample_rate = min(1.0, settings.dp_batch_size / num_samples)
+    calibration = Calibration.from_dict(saved)
+    count: list[HistoryEntry] = []
+    if calibration is None or calibration.run != settings.run_name or calibration.unit != unit:
+        population, source = node.declared_population(unit), "declared"
+        if population is None:
+            # A DP count of the site's privacy units: sensitivity 1, so noise multiplier = its std. Shifted
+            # up by two stds (post-processing), so that the default delta 1 / (10 N) stays below 1/n.
+            noise = node.dp_count_noise * float(randomness.standard_normal(1, dtype=torch.float64)[0])
+            population, source = max(1, round(num_samples + noise + COUNT_SHIFT * node.dp_count_noise)), "dp-count"
+            count = [(node.dp_count_noise, 1.0, 1)]
+        calibration = _new_calibration(settings, node, accountant, population, source, count)
+    check_site_limits(calibration, settings, node, num_samples)
+    return calibration, count
+
+
+def _new_calibration(settings, node, accountant, population, source, count) -> Calibration:
+    sample_rate = min(1.0, settings.dp_batch_size / population)
     steps = max(1, math.ceil(settings.local_epochs / sample_rate))
-    delta = settings.target_delta or default_delta(num_samples)
-    if calibration is None or calibration.get("run") != settings.run_name:
-        if settings.noise_multiplier > 0:
-            noise = settings.noise_multiplier
-        else:
-            planned = steps * settings.num_server_rounds
-            noise = noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=delta,
-                                         sample_rate=sample_rate, steps=planned)  # fmt: skip
-        calibration = {"run": settings.run_name, "noise_multiplier": noise, "delta": delta,
-                       "sample_rate": sample_rate, "steps_per_round": steps}  # fmt: skip
-    noise, delta = float(calibration["noise_multiplier"]), float(calibration["delta"])
-    plan = RoundPlan(
-        unit=unit,
-        num_samples=num_samples,
-        sample_rate=sample_rate,
+    delta = settings.target_delta or min(default_delta(population), node.max_delta or 1.0)
+    evaluations = planned_evaluations(settings, node)
+    eval_noise = settings.dp_eval_noise_multiplier
+    if settings.noise_multiplier > 0:
+        noise = settings.noise_multiplier
+    else:
+        # The run's target is reached at its planned end, counting everything already spent, the count
+        # and the planned DP evaluations.
+        fixed = compose(accountant.history, count + ([(eval_noise, 1.0, evaluations)] if evaluations else []))
+        noise = noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, steps=steps * settings.num_server_rounds,
+                                     fixed_history=fixed)  # fmt: skip
+    return Calibration(run=settings.run_name, unit=settings.privacy_unit, population=int(population),
+                       population_source=source, sample_rate=sample_rate, steps_per_round=steps,
+                       batch_divisor=max(1.0, sample_rate * population), delta=delta, noise_multiplier=noise,
+                       eval_noise_multiplier=eval_noise, planned_evaluations=evaluations)  # fmt: skip
+
+
+def default_delta(population: int) -> float:
+    """δ = 1 / (10 N) for the public population N: strictly below 1/N, and independent of the exact n."""
+    return 1.0 / (10 * int(population))
+
+
+def check_site_limits(calibration: Calibration, settings: RunSettings, node: NodeSettings, num_samples: int) -> None:
+    """Refuse, naming the node-config key, a run that asks for less privacy than the site allows."""
+    delta = calibration.delta
+    largest = node.max_delta if node.max_delta is not None else default_delta(calibration.population)
+    if delta > largest * (1 + EPSILON_SLACK):
+        key = "max-delta" if node.max_delta is not None else "max-delta (unset: 1 / (10 x population))"
+        raise PrivacyRefusal(
+            f"The run asks for target-delta = {delta:.3g}, above this site's node config {key} = {largest:.3g}; "
+            "refusing to train. The site may raise max-delta in its node config; the run config cannot."
+        )
+    if delta * num_samples >= 1:
+        # Stated without n: the refusal travels to the coordinator.
+        raise PrivacyRefusal(
+            f"delta = {delta:.3g} is not below 1/n for this site's number of privacy units: such a delta lets "
+            "a mechanism publish one unit's data outright. Ask the coordinator for a smaller target-delta."
+        )
+    for what, noise in (("noise-multiplier", calibration.noise_multiplier),
+                        ("dp-eval-noise-multiplier", calibration.eval_noise_multiplier)):  # fmt: skip
+        if noise < node.min_noise_multiplier:
+            raise PrivacyRefusal(
+                f"The run's {what} is {noise:.4g}, below this site's node config min-noise-multiplier = "
+                f"{node.min_noise_multiplier:g}; refusing. Ask for more noise (or a smaller target-epsilon)."
+            )
+
+
+# ---------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """What one DP release (a training round or a DP evaluation) will charge, and what ε it reaches."""
+
+    calibration: Calibration
+    added: list[HistoryEntry]  # charged when the release goes ahead: the DP count (if any), then its own
+    count: list[HistoryEntry]  # the DP count of the run, charged even when the release is refused
+    epsilon_before: float
+    epsilon_after: float  # if it goes ahead
+    epsilon_count: float  # after the count alone
+    cap: float  # math.inf when uncapped
+    steps: int  # DP-SGD steps (0 for an evaluation)
+    own: HistoryEntry  # (noise_multiplier, sample_rate, steps) of the release itself
+
+    @property
+    def exhausted(self) -> bool:
+        return self.epsilon_after > self.cap * (1 + EPSILON_SLACK)
+
+    @property
+    def count_fits(self) -> bool:
+        return self.epsilon_count <= self.cap * (1 + EPSILON_SLACK)
+
+    # The fields a ledger entry takes from its plan.
+    @property
+    def unit(self) -> str:
+        return self.calibration.unit
+
+    @property
+    def delta(self) -> float:
+        return self.calibration.delta
+
+
+def plan_release(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
+                 own: HistoryEntry, cap: float, *, steps: int) -> ReleasePlan:  # fmt: skip
+    """What a release of `own` (after the run's DP count, if it is still to be charged) will cost."""
+    delta = calibration.delta
+    return ReleasePlan(
+        calibration=calibration,
+        added=[*count, own],
+        count=count,
+        epsilon_before=accountant.epsilon(delta=delta),
+        epsilon_after=accountant.epsilon_with([*count, own], delta=delta),
+        epsilon_count=accountant.epsilon_with(count, delta=delta),
+        cap=cap,
         steps=steps,
-        noise_multiplier=noise,
-        delta=delta,
-        epsilon_before=accountant.epsilon(delta=delta) if accountant.history else 0.0,
-        epsilon_after=accountant.epsilon_after(delta=delta, noise_multiplier=noise,
-                                               sample_rate=sample_rate, steps=steps),  # fmt: skip
-        cap=budget_cap(settings, node_config),
+        own=own,
     )
-    return plan, calibration
+
+
+def plan_training(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
+                  cap: float) -> ReleasePlan:  # fmt: skip
+    own = (calibration.noise_multiplier, calibration.sample_rate, calibration.steps_per_round)
+    return plan_release(calibration, accountant, count, own, cap, steps=calibration.steps_per_round)
+
+
+def plan_evaluation(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
+                    cap: float) -> ReleasePlan:  # fmt: skip
+    own = (calibration.eval_noise_multiplier, 1.0, 1)  # one Gaussian release of the bounded sums
+    return plan_release(calibration, accountant, count, own, cap, steps=0)
+
+
+# ---------------------------------------------------------------- training
 
 
 def train_private_round(
     model: TwoTower,
     histories: UserHistories,
     settings: RunSettings,
-    plan: RoundPlan,
-    accountant: ClientAccountant,
+    plan: ReleasePlan,
     *,
-    seed: int,
+    randomness: DPRandom,
     item_optimizer_state: dict | None,
 ) -> dict:
-    """Run the round's DP steps and charge them to the accountant; returns the DP optimizer state."""
+    """Run the round's DP steps; returns the DP optimizer state. The caller charges `plan.added`
+    to the accountant and saves it with what was trained, before anything is released."""
+    calibration = plan.calibration
     config = DPConfig(
-        unit=plan.unit,
-        noise_multiplier=plan.noise_multiplier,
+        unit=calibration.unit,
+        noise_multiplier=calibration.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
+        sample_rate=calibration.sample_rate,
+        steps=calibration.steps_per_round,
         lr=settings.lr,
         user_l2=settings.user_l2,
         positives=settings.dp_positives,
         num_negatives=min(settings.num_negatives, 64),
         history_len=settings.history_len,
         history_dropout=settings.history_dropout,
-        seed=seed,
         embedding_path=settings.dp_embedding_path,
         table_optimizer=settings.dp_table_optimizer,
         table_lr=settings.dp_table_lr,
+        batch_divisor=calibration.batch_divisor,
     )
-    trainer = DPTrainer(model, config, item_optimizer_state=item_optimizer_state)
+    trainer = DPTrainer(model, config, randomness=randomness, item_optimizer_state=item_optimizer_state)
     try:
         trainer.run(histories)
     finally:
         trainer.detach()
-    accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
     return trainer.item_optimizer_state()

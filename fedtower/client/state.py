@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 LEDGER_FILE = "ledger.jsonl"
 LOCK_FILE = "state.lock"
+ROUND_LOCK_FILE = "round.lock"  # one privacy round at a time (see round_lock)
 MANIFEST_FORMAT = "fedtower-client-state/1"
 
 # How each kind of component is written: torch objects with torch.save (and read
@@ -71,6 +72,7 @@ KIND_SUFFIX: dict[str, str] = {"torch": "pt", "json": "json"}
 # Known components and their kinds; ClientStateStore(kinds=...) declares more.
 COMPONENT_KINDS: dict[str, str] = {
     "users": "torch",  # {"embeddings": Tensor, "user_ids": list[str]}
+    "dp_users": "torch",  # the same, as interaction-level DP-SGD left it (serving never writes it)
     "optimizer": "torch",  # optimizer.state_dict()
     "item_tower": "torch",  # latest global item-tower state_dict, for serving
     "accountant": "json",  # DP accountant state
@@ -170,10 +172,15 @@ class ClientStateStore:
         self._open_dir(create)
 
     @classmethod
-    def for_node(cls, state_dir: str | Path, node_config: Mapping[str, object] | None, *,
+    def for_node(cls, state_dir: str | Path, node_config: Mapping[str, object] | object | None, *,
                  create: bool = False) -> ClientStateStore:  # fmt: skip
         """The node's store with the node's key: node config `state-key-file`, else the
-        environment (FEDTOWER_STATE_KEY(_FILE)); an unusable key is a StateError naming the dir."""
+        environment (FEDTOWER_STATE_KEY(_FILE)); an unusable key is a StateError naming the dir.
+
+        `node_config`: the raw mapping, or the node's `NodeSettings`."""
+        if node_config is not None and not isinstance(node_config, Mapping):  # NodeSettings
+            key_file = node_config.state_key_file
+            node_config = {"state-key-file": str(key_file)} if key_file is not None else {}
         try:
             key = resolve_state_key(node_config)
         except StateKeyError as err:
@@ -247,6 +254,34 @@ class ClientStateStore:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    @contextmanager
+    def round_lock(self, timeout: float) -> Iterator[None]:
+        """Exclusive for one privacy round at a time on this node, across processes and runs.
+
+        Held from the budget check until the accountant is saved: two rounds that each read the
+        accountant, trained and saved would lose one round's spend. A second round waits up to
+        `timeout` seconds, then is refused.
+        """
+        lock_path = self.state_dir / ROUND_LOCK_FILE
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StateError(
+                            f"Another round has been training on this node (state dir {self.state_dir}) for "
+                            f"more than {timeout:g} s; refusing this one rather than run two at once "
+                            "(node config train-lock-timeout sets the wait)."
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ---- manifest ----------------------------------------------------------
 
@@ -331,6 +366,8 @@ class ClientStateStore:
             for entry in self.state_dir.iterdir()
             if ((match := _COMPONENT_FILE.fullmatch(entry.name)) and int(match["version"]) > 1)
             or _SEALED_LOG_FILE.fullmatch(entry.name)  # only an encrypted store that committed has these
+            # A ledger line is appended only after a save committed: the manifest existed.
+            or (entry.name == LEDGER_FILE and entry.stat().st_size > 0)
         )
         if later:
             raise StateError(

@@ -313,25 +313,31 @@ def _describe_shared(report: SiteReport, settings, data: _Data | None) -> None:
     """Every record of every reply, built by the handlers' own reply builders."""
     from flwr.app import ArrayRecord
 
-    from fedtower.client.handlers import evaluate_content, ledger_entry, private_train_content, train_content
+    from fedtower.client.handlers import (
+        client_dp_train_content,
+        dp_evaluate_content,
+        evaluate_content,
+        ledger_entry_placeholder,
+        private_train_content,
+        train_content,
+        withheld_evaluate_content,
+    )
     from fedtower.client.local import build_model, cached_dataset
-    from fedtower.client.private_round import RoundPlan
     from fedtower.metrics import RankingSums
-    from fedtower.privacy.accounting import ClientAccountant
+    from fedtower.privacy.dp_evaluation import NoisyEvaluation
 
     catalogue = data.catalogue if data else cached_dataset(settings.data).catalogue
     model = build_model(settings, catalogue, num_users=max(data.users if data else 1, 1))
     arrays = ArrayRecord(model.item_tower_state())
     # Placeholder values: only the records' names, keys and shapes are shown.
-    plan = RoundPlan(unit=settings.privacy_unit, num_samples=1, sample_rate=1.0, steps=1, noise_multiplier=1.0,
-                     delta=1e-5, epsilon_before=0.0, epsilon_after=0.0, cap=math.inf)  # fmt: skip
-    accountant = ClientAccountant([(1.0, 1.0, 1)])
-    entry = ledger_entry(replace(settings, run_name=settings.run_name or "run"), plan, "node", 1, accountant,
-                         status="trained")  # fmt: skip
+    entry = ledger_entry_placeholder(replace(settings, run_name=settings.run_name or "run"))
     replies = {
         "train (DP on)": private_train_content(arrays, entry, exhausted=False),
         "train (DP off)": train_content(arrays, num_examples=0, train_loss=0.0, seconds=0.0),
-        "evaluate": evaluate_content(RankingSums()),
+        "train (client-level DP)": client_dp_train_content(arrays),
+        "evaluate (DP off)": evaluate_content(RankingSums()),
+        "evaluate (DP on)": dp_evaluate_content(NoisyEvaluation(k=settings.k), entry),
+        "evaluate (withheld)": withheld_evaluate_content("placeholder"),
     }
     report.shared = {name: _records(content) for name, content in replies.items()}
 

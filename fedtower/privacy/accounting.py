@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 MECHANISM = "rdp"
 STATE_FORMAT = 1
@@ -116,6 +115,27 @@ def add_steps(
     return merged
 
 
+def compose(history: Iterable[HistoryEntry], added: Iterable[Sequence[Any]]) -> list[HistoryEntry]:
+    """`history` followed by the `added` entries, merged as `add_steps` merges them."""
+    composed = list(history)
+    for noise_multiplier, sample_rate, steps in added:
+        composed = add_steps(composed, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    return composed
+
+
+def history_without(history: Iterable[Sequence[Any]], added: Iterable[Sequence[Any]]) -> list[HistoryEntry] | None:
+    """The history before `added` was composed onto it; None when `history` does not end with `added`."""
+    remaining = [tuple(entry) for entry in history]
+    for noise_multiplier, sample_rate, steps in reversed(list(added)):
+        if not remaining:
+            return None
+        last_noise, last_rate, last_steps = remaining[-1]
+        if (last_noise, last_rate) != (noise_multiplier, sample_rate) or last_steps < steps:
+            return None
+        remaining[-1:] = [(last_noise, last_rate, last_steps - steps)] if last_steps > steps else []
+    return remaining
+
+
 # ---------------------------------------------------------------- Opacus-backed accounting
 
 
@@ -157,6 +177,16 @@ class ClientAccountant:
             sample_rate=check_sample_rate(sample_rate),
             steps=check_steps(steps),
         )
+
+    def charge(self, added: Iterable[Sequence[Any]]) -> None:
+        """Record releases given as (noise_multiplier, sample_rate, steps) entries, in order."""
+        for noise_multiplier, sample_rate, steps in checked_history(list(added), name="added"):
+            self.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+
+    def epsilon_with(self, added: Iterable[Sequence[Any]], *, delta: float) -> float:
+        """ε after `added` releases more; the accountant is not changed."""
+        return _opacus_epsilon(compose(self._history, checked_history(list(added), name="added")),
+                               check_delta(delta))  # fmt: skip
 
     def epsilon(self, *, delta: float) -> float:
         """ε spent so far at this δ; 0.0 before the first step."""
@@ -222,34 +252,54 @@ class ClientAccountant:
         return f"ClientAccountant(history={self._history!r})"
 
 
-def noise_multiplier_for(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+def noise_multiplier_for(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    fixed_history: Iterable[Sequence[Any]] = (),
+    epsilon_tolerance: float = 0.01,
+) -> float:
     """The noise multiplier that keeps `steps` steps at `sample_rate` within (target_epsilon, target_delta).
 
-    Opacus's binary search with the RDP accountant: the result's ε is at most
-    target_epsilon and within 0.01 of it.
+    `fixed_history`: releases composed with those steps whose noise is already set (what was spent
+    before, a DP count, planned DP evaluations). Opacus's binary search with the RDP accountant: the
+    result's ε is at most target_epsilon and within `epsilon_tolerance` of it.
     """
     if not _is_real(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be a positive finite number; got {target_epsilon!r}.")
     target_delta = check_delta(target_delta, name="target_delta")
     sample_rate = check_sample_rate(sample_rate)
     steps = check_steps(steps)
-    try:
+    fixed = checked_history(list(fixed_history), name="fixed_history")
+
+    def epsilon(sigma: float) -> float:
         with warnings.catch_warnings():  # the search probes extreme noise, where the best order is an edge
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=float(target_epsilon),
-                    target_delta=target_delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=MECHANISM,
-                )
-            )
-    except ValueError as err:
+            return _opacus_epsilon(compose(fixed, [(sigma, sample_rate, steps)]), target_delta)
+
+    floor = epsilon(1e6)
+    if floor > target_epsilon:
         raise ValueError(
             f"No noise multiplier up to 1e6 reaches ε={target_epsilon} at δ={target_delta} over {steps} "
-            f"steps at sample rate {sample_rate}; raise the budget or take fewer steps ({err})."
-        ) from None
+            f"steps at sample rate {sample_rate}"
+            + (f" on top of {fixed} (already spent or planned at a fixed noise)" if fixed else "")
+            + f" (ε {floor:.4g} even then); raise the budget or take fewer steps."
+        )
+    # Opacus's get_noise_multiplier, with the fixed releases composed in.
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (low + high) / 2
+        eps = epsilon(sigma)
+        if eps < target_epsilon:
+            high, eps_high = sigma, eps
+        else:
+            low = sigma
+    return float(high)
 
 
 def default_delta(num_samples: int) -> float:

@@ -54,6 +54,7 @@ from fedtower.privacy.accounting import (
     check_sample_rate,
     check_steps,
     checked_history,
+    history_without,
     independent_epsilon,
 )
 from fedtower.server.report import render_table
@@ -61,11 +62,19 @@ from fedtower.server.report import render_table
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.jsonl"
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 entries (before `added`, `randomness`, ...) still read and audit
 UNITS: tuple[str, ...] = ("user", "interaction", "client")
-STATUSES: tuple[str, ...] = ("trained", "budget-exhausted")
+# trained: DP-SGD ran and the item tower was released; budget-exhausted: nothing trained or released;
+# evaluated: DP evaluation sums released; raw-evaluation: exact sums released (the site opted in).
+STATUSES: tuple[str, ...] = ("trained", "budget-exhausted", "evaluated", "raw-evaluation")
+MECHANISMS: tuple[str, ...] = ("dp-sgd", "gaussian", "none")
+RELEASES: tuple[str, ...] = ("item-tower", "evaluation-sums", "raw-evaluation", "nothing")
 WEIGHTS: tuple[str, ...] = ("constant", "examples")
 ACCOUNTANTS: tuple[str, ...] = ("rdp",)
+ADJACENCY = {"user": "add-or-remove-one-user", "interaction": "add-or-remove-one-event",
+             "client": "add-or-remove-one-client"}  # fmt: skip
+POPULATION_SOURCES: tuple[str, ...] = ("declared", "dp-count", "unrecorded")
 VERSIONED_LIBRARIES: tuple[str, ...] = ("fedtower", "opacus", "torch", "flwr")
 
 SIGNATURE_ALGORITHM = "ed25519"
@@ -75,7 +84,9 @@ _DEFAULT_PSEUDONYM_KEY = b"fedtower-node-pseudonym"
 
 # An ε in the ledger and the one recomputed from its history may differ by this much, relatively.
 RELATIVE_TOLERANCE = 1e-6
-_JSON_FIELDS = ("history", "versions")  # sent inside a ConfigRecord as JSON strings
+_JSON_FIELDS = ("history", "versions", "added")  # sent inside a ConfigRecord as JSON strings
+_FORMAT_2_FIELDS = ("added", "mechanism", "release", "adjacency", "population", "population_source",
+                    "randomness", "raw_evaluation")  # fmt: skip
 
 
 class LedgerSignatureError(ValueError):
@@ -164,7 +175,7 @@ def _check_created_at(value: object) -> str:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LedgerEntry:
     """What one client spent in one round. Every field is checked on construction."""
 
@@ -185,6 +196,16 @@ class LedgerEntry:
     history: tuple[tuple[float, float, int], ...]  # the accountant's whole history after this round
     versions: dict[str, str] = field(default_factory=library_versions, hash=False)
     created_at: str = field(default_factory=utc_now)
+    # What this entry charged to the accountant, oldest first: history = previous history + added.
+    # None: the round's own (noise_multiplier, sample_rate, steps), or nothing when steps = 0.
+    added: tuple[tuple[float, float, int], ...] | None = None
+    mechanism: str = "dp-sgd"  # "dp-sgd", "gaussian" (a DP evaluation or count) or "none"
+    release: str = ""  # what left the node: item-tower, evaluation-sums, raw-evaluation, nothing ("" -> by status)
+    adjacency: str = ""  # neighbouring datasets differ by one ... ("" -> by unit)
+    population: int = 0  # the public number of privacy units q and delta were planned from (0: unrecorded)
+    population_source: str = "unrecorded"  # declared by the site, or a DP count (charged in `added`)
+    randomness: str = "unrecorded"  # where the DP randomness came from (a TEST-ONLY seed says so)
+    raw_evaluation: bool = False  # the site opted in to releasing exact evaluation sums
 
     def __post_init__(self) -> None:
         checked = {
@@ -205,15 +226,50 @@ class LedgerEntry:
             "history": tuple(checked_history(self.history, name=_field_name("history"))),
             "versions": _check_versions(self.versions),
             "created_at": _check_created_at(self.created_at),
+            "mechanism": _check_choice(self.mechanism, "mechanism", MECHANISMS),
+            "adjacency": _check_text(self.adjacency or ADJACENCY[self.unit], "adjacency")
+            if self.unit in ADJACENCY else self.adjacency,
+            "population": int(check_steps(self.population, name=_field_name("population"), minimum=0)),
+            "population_source": _check_choice(self.population_source, "population_source", POPULATION_SOURCES),
+            "randomness": _check_text(self.randomness, "randomness"),
         }
-        if checked["status"] == "trained" and checked["steps"] == 0:
+        if not isinstance(self.raw_evaluation, bool):
+            raise ValueError(f"{_field_name('raw_evaluation')} must be true or false; got {self.raw_evaluation!r}.")
+        if self.release:
+            checked["release"] = _check_choice(self.release, "release", RELEASES)
+        if self.added is not None:
+            checked["added"] = tuple(checked_history(self.added, name=_field_name("added")))
+        status, steps = checked["status"], checked["steps"]
+        if status == "trained" and steps == 0:
             raise ValueError("A ledger entry with status 'trained' must record at least one step.")
-        if checked["status"] == "budget-exhausted" and checked["steps"] != 0:
-            raise ValueError(
-                f"A ledger entry with status 'budget-exhausted' must record 0 steps; got {checked['steps']}."
-            )
+        if status != "trained" and steps != 0:
+            raise ValueError(f"A ledger entry with status {status!r} must record 0 steps; got {steps}.")
+        if status == "raw-evaluation" and not self.raw_evaluation:
+            raise ValueError("A 'raw-evaluation' ledger entry needs raw_evaluation = true (the site's opt-in).")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        if status == "evaluated" and not self.charged:
+            raise ValueError("An 'evaluated' ledger entry must record the DP evaluation it charged in 'added'.")
+        if status == "raw-evaluation" and self.charged:
+            raise ValueError("A 'raw-evaluation' ledger entry charges nothing ('added' must be empty).")
+
+    # ------------------------------------------------------------ derived
+    @property
+    def charged(self) -> tuple[tuple[float, float, int], ...]:
+        """What this entry charged to the accountant (history = previous history + charged)."""
+        if self.added is not None:
+            return self.added
+        return ((self.noise_multiplier, self.sample_rate, self.steps),) if self.steps else ()
+
+    @property
+    def released(self) -> str:
+        return self.release or {"trained": "item-tower", "budget-exhausted": "nothing",
+                                "evaluated": "evaluation-sums", "raw-evaluation": "raw-evaluation"}[self.status]
+
+    @property
+    def is_test_only(self) -> bool:
+        """The round's DP randomness came from a test-only seed: its noise can be regenerated."""
+        return self.randomness.startswith("TEST-ONLY")
 
     # ------------------------------------------------------------ dicts
 
@@ -223,6 +279,8 @@ class LedgerEntry:
         for item in fields(self):
             body[item.name] = getattr(self, item.name)
         body["history"] = [list(entry) for entry in self.history]
+        body["added"] = [list(entry) for entry in self.charged]
+        body["release"] = self.released
         body["versions"] = dict(self.versions)
         return body
 
@@ -233,16 +291,18 @@ class LedgerEntry:
             raise ValueError(f"A ledger entry must be a dict; got {type(data).__name__}.")
         if "format" not in data:
             raise ValueError("The ledger entry has no 'format' field.")
-        if data["format"] != ENTRY_FORMAT or isinstance(data["format"], bool):
-            raise ValueError(f"The ledger entry's 'format' is {data['format']!r}; this version reads {ENTRY_FORMAT}.")
+        if data["format"] not in READABLE_FORMATS or isinstance(data["format"], bool):
+            raise ValueError(f"The ledger entry's 'format' is {data['format']!r}; this version reads "
+                             f"{', '.join(map(str, READABLE_FORMATS))}.")  # fmt: skip
         names = [item.name for item in fields(cls)]
-        missing = [name for name in names if name not in data]
+        optional = _FORMAT_2_FIELDS if data["format"] == 1 else ()
+        missing = [name for name in names if name not in data and name not in optional]
         if missing:
             raise ValueError(f"The ledger entry has no {', '.join(repr(m) for m in missing)} field.")
         unknown = sorted(set(data) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"The ledger entry has unknown fields {unknown}.")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
     # ------------------------------------------------------------ Flower records
 
@@ -256,6 +316,11 @@ class LedgerEntry:
 
     def canonical_json(self) -> bytes:
         return canonical_json(self.to_dict())
+
+    def __eq__(self, other: object) -> bool:  # by content: derived fields given or not are the same entry
+        return isinstance(other, LedgerEntry) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
 
 
 def canonical_json(data: Mapping[str, Any]) -> bytes:
@@ -277,6 +342,8 @@ def _unflat_record(record: Mapping[str, Any]) -> dict[str, Any]:
     data = dict(record)
     for name in _JSON_FIELDS:
         if name not in data:
+            if name in _FORMAT_2_FIELDS and data.get("format") == 1:
+                continue
             raise ValueError(f"The ledger record has no {name!r} field.")
         if not isinstance(data[name], str):
             raise ValueError(
@@ -557,6 +624,69 @@ class ServerLedger:
         )
 
 
+class LedgerMonitor:
+    """What the server remembers of each node's privacy history in a run, to refuse a node that went back.
+
+    A node's accountant only grows: every entry's history must extend the history of the node's
+    previous accepted entry (other runs on the same node may add releases in between). A history
+    that is shorter or lower than what the node reported before means its state was reset or
+    rolled back; a node that changes its pseudonym within a run is dodging exactly this check.
+    The server then refuses the reply (nothing of it is aggregated) and logs why; the entry still
+    goes into the ledger, since the node did release it.
+    """
+
+    def __init__(self, state: Mapping[str, Any] | None = None):
+        self.nodes: dict[str, dict[str, Any]] = {}  # Flower node id (as text) -> {"node", "round", "history"}
+        if state:
+            self.load_state_dict(state)
+
+    def problem(self, node_id: int, entry: LedgerEntry) -> str | None:
+        """Why this entry must be refused, or None when it extends what the node reported before."""
+        known = self.nodes.get(str(node_id))
+        if known is None:
+            return None
+        if entry.node != known["node"]:
+            return (f"node {node_id} names itself {entry.node} in round {entry.round} but {known['node']} in round "
+                    f"{known['round']}: a new pseudonym within a run means its private state was replaced.")
+        previous = [tuple(h) for h in known["history"]]
+        before = history_without(entry.history, entry.charged)  # what the node says it had spent before
+        if before is None or not history_extends(previous, before):
+            return (f"node {entry.node} reports a privacy history in round {entry.round} that does not extend the "
+                    f"one it reported in round {known['round']} ({_steps(entry.history)} steps now, "
+                    f"{_steps(previous)} then): its accountant was reset or rolled back, so the epsilon it reports "
+                    "undercounts what it spent.")
+        return None
+
+    def accept(self, node_id: int, entry: LedgerEntry) -> None:
+        self.nodes[str(node_id)] = {"node": entry.node, "round": entry.round,
+                                    "history": [list(h) for h in entry.history]}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nodes": {k: dict(v) for k, v in self.nodes.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        nodes = state.get("nodes")
+        if not isinstance(nodes, Mapping):
+            raise ValueError("The ledger monitor's state has no 'nodes' mapping.")
+        self.nodes = {str(k): {"node": v["node"], "round": int(v["round"]),
+                               "history": checked_history(v["history"])} for k, v in nodes.items()}  # fmt: skip
+
+
+def history_extends(old: list, new: list) -> bool:
+    """Whether `new` is `old` with more releases composed onto it (the last entry may have grown)."""
+    old, new = [tuple(h) for h in old], [tuple(h) for h in new]
+    if not old:
+        return True
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return False
+    last, same = old[-1], new[len(old) - 1]
+    return same[:2] == last[:2] and same[2] >= last[2]
+
+
+def _steps(history) -> int:
+    return sum(int(h[2]) for h in history)
+
+
 def _signature_problems(
     record: object, entry: LedgerEntry, signed: bool, public_keys: Mapping[str, Ed25519PublicKey] | None
 ) -> list[str]:
@@ -585,10 +715,10 @@ def _epsilon_problems(entry: LedgerEntry, previous: tuple[int, LedgerEntry] | No
         )
     before = _history_before(entry)
     if before is None:
-        problems.append(
-            f"its history does not end with this round's {entry.steps} steps at noise multiplier "
-            f"{entry.noise_multiplier} and sample rate {entry.sample_rate}."
-        )
+        charged = [list(a) for a in entry.charged]
+        problems.append(f"its history does not end with what this entry charged ({charged}): "
+                        f"{entry.steps} steps at noise multiplier {entry.noise_multiplier} and sample rate "
+                        f"{entry.sample_rate} for a trained round.")  # fmt: skip
         return problems
     recomputed_before = independent_epsilon(history=before, delta=entry.delta)
     if not _close(entry.epsilon_before, recomputed_before):
@@ -601,6 +731,9 @@ def _epsilon_problems(entry: LedgerEntry, previous: tuple[int, LedgerEntry] | No
             f"its history does not continue this node's previous entry (line {previous[0]}): "
             "the accountant was reset or changed, or a round is missing from the ledger."
         )
+    if entry.is_test_only:
+        problems.append(f"its DP randomness was {entry.randomness}: the noise can be regenerated, so this "
+                        "release is not private.")  # fmt: skip
     return problems
 
 
@@ -609,17 +742,8 @@ def _close(reported: float, recomputed: float) -> bool:
 
 
 def _history_before(entry: LedgerEntry) -> list[tuple[float, float, int]] | None:
-    """The history without this round's steps; None when the history does not end with them."""
-    history = list(entry.history)
-    if entry.steps == 0:
-        return history
-    if not history:
-        return None
-    noise_multiplier, sample_rate, steps = history[-1]
-    if (noise_multiplier, sample_rate) != (entry.noise_multiplier, entry.sample_rate) or steps < entry.steps:
-        return None
-    remaining = steps - entry.steps
-    return history[:-1] + ([(noise_multiplier, sample_rate, remaining)] if remaining else [])
+    """The history without what this entry charged; None when the history does not end with it."""
+    return history_without(entry.history, entry.charged)
 
 
 def _cut_unfinished_line(fd: int, path: Path) -> None:

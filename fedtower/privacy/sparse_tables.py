@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fedtower.privacy.secure_random import DPRandom
+
 FLUSH_CHUNK_ROWS = 1 << 17  # bounds the memory of drawing a whole table's pending noise
 GRAM_MAX_READS = 256  # per-sample norms by Gram matrix up to this many reads per sample (B x S x S)
 
@@ -84,11 +86,11 @@ class LazyNoiseTable:
     (the tables' own `.grad` is never formed).
     """
 
-    def __init__(self, *embeddings: nn.Embedding, generator: torch.Generator):
+    def __init__(self, *embeddings: nn.Embedding, randomness: DPRandom):
         self.embeddings = list(embeddings)
         self.weights = [e.weight for e in self.embeddings]
         self.weight = self.weights[0]
-        self.generator = generator
+        self.randomness = randomness  # the secret source every noise value is drawn from
         self.num_rows = self.weight.shape[0]
         if any(w.shape[0] != self.num_rows for w in self.weights):
             raise ValueError("Tables that share lazy noise must have the same number of rows.")
@@ -113,10 +115,12 @@ class LazyNoiseTable:
             return
         std = (self.variance_so_far - self.row_variance.index_select(0, rows)).clamp_(min=0.0).sqrt_()
         std = std.to(self.weight.dtype).unsqueeze(1)  # rows owing nothing get 0
-        for weight in self.weights:
-            noise = torch.randn(len(rows), weight.shape[1], generator=self.generator,
-                                device=weight.device, dtype=weight.dtype)  # fmt: skip
-            weight.index_add_(0, rows, noise.mul_(std))
+        widths = [weight.shape[1] for weight in self.weights]
+        # One draw for all tables of the group: each call to the secure source has a fixed cost.
+        noise = self.randomness.standard_normal((len(rows), sum(widths)), dtype=self.weight.dtype,
+                                                device=self.weight.device).mul_(std)  # fmt: skip
+        for weight, part in zip(self.weights, noise.split(widths, dim=1)):
+            weight.index_add_(0, rows, part.contiguous())
         self.row_variance.index_fill_(0, rows, self.variance_so_far)
 
     @torch.no_grad()

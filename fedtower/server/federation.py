@@ -19,7 +19,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedtower.client.local import build_model, cached_dataset
 from fedtower.config import RunSettings
-from fedtower.privacy.ledger import LedgerEntry, ServerLedger, epsilon_table, plot_epsilon
+from fedtower.privacy.ledger import LedgerEntry, LedgerMonitor, ServerLedger, epsilon_table, plot_epsilon
 from fedtower.server.report import plot_metrics, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.client_dp import (
@@ -41,6 +41,9 @@ from fedtower.strategies.item_tower import (
 log = logging.getLogger("fedtower.server")
 
 SUMMARY_KEYS = ("ndcg@{k}", "recall@{k}", "precision@{k}", "mrr", "coverage@{k}", "users")
+# A DP run's evaluation is noisy sums: each mean with its noise level (coverage is not released).
+DP_SUMMARY_KEYS = ("ndcg@{k}", "ndcg@{k}-noise", "recall@{k}", "recall@{k}-noise", "precision@{k}", "mrr",
+                   "users", "dp-noise-std")  # fmt: skip
 
 
 def initial_item_tower(settings: RunSettings) -> ArrayRecord:
@@ -87,6 +90,17 @@ def client_level_delta(settings: RunSettings, population: int) -> float:
     return settings.target_delta or 1.0 / (10 * population)
 
 
+def restore_client_dp_accountant(strategy, extra: dict, *, round_: int, where) -> None:
+    """Continue the client-level DP accountant of a resumed run; fail closed when the checkpoint lacks it."""
+    if "client_dp_accountant" not in extra:
+        # A fresh accountant would report epsilon from 0 for rounds that were already released.
+        raise ValueError(
+            f"The checkpoint of round {round_} in {where} has no client-level DP accountant, so resuming would "
+            "restart epsilon at 0 for a run that has already released rounds. Start a new run name instead."
+        )
+    restore_accountant_state(strategy, extra["client_dp_accountant"])
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     """Run (or resume) the federation; returns the final metrics history."""
     started = time.perf_counter()
@@ -103,6 +117,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     if settings.client_dp != "off":
         inner = client_level_dp(grid, settings, inner)
     offset = 0
+    monitor = LedgerMonitor()  # each node's last accepted privacy history, to refuse one that went back
     checkpoint = run_dir.load_latest_checkpoint() if settings.resume else None
     if checkpoint is not None:
         offset = checkpoint.round
@@ -113,15 +128,16 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                 "tower (different catalogue or dim); start a new run name instead of resuming."
             )
         restore_strategy_state(optimizer_strategy, checkpoint.strategy_state)
-        if settings.client_dp != "off" and "client_dp_accountant" in checkpoint.extra:
-            restore_accountant_state(inner, checkpoint.extra["client_dp_accountant"])
+        if settings.client_dp != "off":
+            restore_client_dp_accountant(inner, checkpoint.extra, round_=offset, where=run_dir.path)
+        monitor.load_state_dict(checkpoint.extra.get("ledger_monitor") or {"nodes": {}})
         log.info("Resuming %s after round %d (item tower %s).", settings.run_name, offset,
                  arrays_digest(arrays))  # fmt: skip
     elif settings.resume:
         log.info("No checkpoint in %s; starting from round 1.", run_dir.path)
 
     def on_round_end(current: int, arrays: ArrayRecord, metrics: dict) -> None:
-        extra = {"strategy": settings.strategy, "digest": arrays_digest(arrays)}
+        extra = {"strategy": settings.strategy, "digest": arrays_digest(arrays), "ledger_monitor": monitor.state_dict()}
         if settings.client_dp != "off":
             extra["client_dp_accountant"] = accountant_state(inner)
             metrics = {**metrics, "epsilon-client-dp": client_dp_epsilon(inner)}
@@ -133,16 +149,24 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     ledger = ServerLedger(run_dir.path / "privacy_ledger.jsonl")
     client_dp_delta = client_level_delta(settings, client_population(grid, settings))
 
-    def on_ledger(current: int, node_id: int, record) -> None:
+    def on_ledger(current: int, node_id: int, record) -> str | None:
+        """Keep the entry; refuse the reply of a node whose privacy history went back."""
         try:
             entry = LedgerEntry.from_config_record(record)
         except ValueError as err:
-            log.warning("Round %d: node %d sent an unreadable ledger entry: %s", current, node_id, err)
-            return
-        ledger.append(entry.to_dict())
+            return f"its ledger entry is unreadable: {err}"
+        ledger.append(entry.to_dict())  # the node released it: it belongs in the ledger either way
+        problem = monitor.problem(node_id, entry)
+        if problem is not None:
+            return problem
+        monitor.accept(node_id, entry)
+        if entry.is_test_only:
+            log.warning("Round %d: node %s used a TEST-ONLY DP seed: its release is not private.", current,
+                        entry.node)  # fmt: skip
         log.info("Round %d: node %s (%s-level DP) epsilon %.3f -> %.3f (delta %.1e), %s.", current,
                  entry.node, entry.unit, entry.epsilon_before, entry.epsilon_after, entry.delta,
                  entry.status)  # fmt: skip
+        return None
 
     def on_evaluate(current: int, metrics: dict) -> None:
         run_dir.record_round(current, "evaluate", metrics)
@@ -176,7 +200,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             log.warning("The run ends early: %s", reason)
     history = run_dir.history()
     plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"))
-    keys = [key.format(k=settings.k) for key in SUMMARY_KEYS]
+    keys = [key.format(k=settings.k) for key in (DP_SUMMARY_KEYS if settings.dp_enabled else SUMMARY_KEYS)]
     table = summary_table(history, keys=keys)
     entries = ledger.entries()
     if entries:

@@ -17,11 +17,12 @@ What it does not protect.
   what the server releases (the item tower), not a curious server. Hiding
   single updates from the server needs secure aggregation; SecAgg+ exists only
   in Flower's legacy API in 1.41, which fedtower does not use.
-- Training and evaluation metrics (losses, ranking sums) are neither noised
-  nor counted in epsilon.
-- The noise comes from NumPy's global, non-cryptographic generator: seeding
-  `np.random` in the ServerApp process would make it reproducible, so never
-  do that under DP.
+- Clients send no training metrics (only `num-examples = 1`) and withhold
+  evaluation unless the site opts in to exact sums (`allow-raw-evaluation`).
+- The server adds the noise, so it knows it: this protects users against
+  whoever reads the released model, never against the coordinator. The
+  noise comes from fedtower's cryptographic source (`SecureNoise`), not from
+  NumPy's global generator that Flower uses.
 
 Why no amplification by sampling is claimed. Amplification needs a secret,
 random (e.g. Poisson) choice of participants. fedtower samples a fixed number
@@ -40,8 +41,12 @@ do: Flower's wrapper checks it at every aggregation and raises ValueError
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -49,13 +54,49 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
+
+from fedtower.privacy.secure_random import DPRandom
+
+log = logging.getLogger("fedtower.server")
 
 CLIENT_DP_MODES = ("off", "server-side", "client-side")
+
+
+class SecureNoise:
+    """Gaussian noise from fedtower's cryptographic source instead of NumPy's global generator.
+
+    Flower adds the noise with `np.random.normal`: a Mersenne Twister whose state anyone can
+    solve for from enough outputs (the noise on item rows no client updated is such an output),
+    and that any `np.random.seed` in the server process makes reproducible. Overriding the one
+    method that draws it keeps the rest of Flower's wrapper (clipping, accounting) as it is.
+    """
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        randomness = DPRandom()
+        noisy = {}
+        for key, array in aggregated_arrays.items():
+            values = array.numpy()
+            noise = randomness.standard_normal(values.shape, dtype=torch.float64).numpy()
+            noisy[key] = Array(np.asarray(values + std * noise, dtype=values.dtype))
+        log.info("Client-level DP: Gaussian noise of std %.4g added from a secure source.", std)
+        return ArrayRecord(noisy)
+
+
+class SecureServerSideFixedClipping(SecureNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP wrapper, with secure noise."""
+
+
+class SecureClientSideFixedClipping(SecureNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper (clipping by fixedclipping_mod), with secure noise."""
+
+
 WRAPPERS = {
-    "server-side": DifferentialPrivacyServerSideFixedClipping,
-    "client-side": DifferentialPrivacyClientSideFixedClipping,  # clipping by fixedclipping_mod
+    "server-side": SecureServerSideFixedClipping,
+    "client-side": SecureClientSideFixedClipping,
 }
-DP_WRAPPERS = tuple(WRAPPERS.values())
+DP_WRAPPERS = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyClientSideFixedClipping)
 
 
 def wrap_client_level_dp(

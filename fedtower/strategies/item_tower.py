@@ -33,6 +33,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtower.metrics import RankingSums
+from fedtower.privacy.dp_evaluation import MARKER as DP_MARKER
+from fedtower.privacy.dp_evaluation import NoisyEvaluation
 
 log = logging.getLogger("fedtower.server")
 
@@ -162,7 +164,7 @@ class ItemTowerStrategy(Strategy):
         seed: int = 0,
         on_round_end: RoundCallback | None = None,
         on_evaluate: Callable[[int, dict], None] | None = None,
-        on_ledger: Callable[[int, int, ConfigRecord], None] | None = None,
+        on_ledger: Callable[[int, int, ConfigRecord], str | None] | None = None,
     ) -> None:
         if eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {eval_every}.")
@@ -228,11 +230,11 @@ class ItemTowerStrategy(Strategy):
                 accepted.append(message)  # the inner strategy logs and skips it too
                 continue
             node = message.metadata.src_node_id
-            if "ledger" in message.content:
-                # Privacy ledger entry: kept by the server, never aggregated.
-                if self.on_ledger is not None:
-                    self.on_ledger(current, node, message.content["ledger"])
-                del message.content["ledger"]
+            refused = self._take_ledger(current, node, message)
+            if refused is not None:
+                self.rejected.append((current, node, refused))
+                log.warning("Round %d: refused the reply of node %d: %s", current, node, refused)
+                continue
             metrics_record = message.content.get("metrics")
             if metrics_record is not None and metrics_record.get("budget-exhausted") == 1:
                 self.exhausted.add(node)
@@ -268,23 +270,53 @@ class ItemTowerStrategy(Strategy):
             return []
         return self.inner.configure_evaluate(current, arrays, config, grid)
 
+    def _take_ledger(self, current: int, node: int, message: Message) -> str | None:
+        """Hand a reply's ledger entry to the server (kept, never aggregated); why to refuse the reply, if so."""
+        if "ledger" not in message.content:
+            return None
+        record = message.content["ledger"]
+        del message.content["ledger"]
+        return self.on_ledger(current, node, record) if self.on_ledger is not None else None
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Merge the clients' RankingSums exactly, then finalise once."""
+        """Merge the clients' sums exactly (DP noisy sums by addition too), then finalise once."""
         current = self.global_round(server_round)
-        merged = RankingSums()
+        exact, noisy, withheld = RankingSums(), NoisyEvaluation(), 0
+        parts: list[tuple[dict, bool]] = []
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
                 log.warning("Round %d: evaluation failed on node %d: %s", current, node,
                             message.error.reason)  # fmt: skip
                 continue
+            refused = self._take_ledger(current, node, message)
+            if refused is not None:
+                log.warning("Round %d: refused the evaluation of node %d: %s", current, node, refused)
+                continue
+            payload = dict(message.content["metrics"])
+            if payload.get("evaluation-withheld"):
+                withheld += 1
+                continue
+            parts.append((payload, bool(payload.get(DP_MARKER))))
+        any_noisy = any(is_noisy for _, is_noisy in parts)
+        for payload, is_noisy in parts:
             try:
-                merged = merged + RankingSums.from_dict(dict(message.content["metrics"]))
+                if any_noisy:  # one DP node makes the round's report the DP one: exact sums join as noiseless
+                    noisy = noisy + (NoisyEvaluation.from_metrics(payload) if is_noisy else
+                                     NoisyEvaluation.exact(RankingSums.from_dict(payload)))  # fmt: skip
+                else:
+                    exact = exact + RankingSums.from_dict(payload)
             except (KeyError, ValueError, TypeError) as err:
-                log.warning("Round %d: rejected the evaluation of node %d: %s", current, node, err)
-        if merged.users == 0:
+                log.warning("Round %d: rejected an evaluation reply: %s", current, err)
+        if withheld:
+            log.info("Round %d: %d node(s) withheld their evaluation (DP budget, or client-level DP).", current,
+                     withheld)  # fmt: skip
+        if any_noisy and noisy.nodes:
+            metrics = {k: v for k, v in noisy.finalize().items() if np.isfinite(v)}
+        elif exact.users:
+            metrics = {k: v for k, v in exact.finalize().items() if np.isfinite(v)}
+        else:
             return None
-        metrics = {k: v for k, v in merged.finalize().items() if np.isfinite(v)}
         if self.on_evaluate is not None:
             self.on_evaluate(current, metrics)
         return MetricRecord(metrics)
