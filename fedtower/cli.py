@@ -146,6 +146,10 @@ def simulate(
     run_config: Annotated[
         str, typer.Option("--run-config", help="Overrides: \"num-server-rounds=5 strategy='fedadam'\".")
     ] = "",
+    site_config: Annotated[
+        str, typer.Option("--site-config", help="Node config of every simulated site, e.g. "
+                          "\"dp-population-users=2000 allow-raw-evaluation=true\" (a SuperNode's --node-config).")
+    ] = "",
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<time>).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved config.")
@@ -160,6 +164,7 @@ def simulate(
     summary table; writes config.json, metrics.csv/json, plots, checkpoints
     and summary.txt to the run directory.
     """
+    from fedtower.client.node_settings import NodeSettings
     from fedtower.config import RunSettings
     from fedtower.simulations import presets as preset_files
     from fedtower.simulations.runner import simulate as run_simulation
@@ -183,12 +188,14 @@ def simulate(
             values.update({"output-dir": str(out.expanduser().resolve().parent), "run-name": out.name})
         values["resume"] = resume or bool(values.get("resume", False))
         settings = RunSettings.from_run_config(values)
+        sites = preset_files.parse_overrides(site_config)
+        NodeSettings.from_node_config(sites)
     except ValueError as err:
         raise _fail(str(err)) from None
     _log_progress(verbose)
     typer.echo(f"Simulating preset {preset!r} into {settings.run_dir}")
     try:
-        result = run_simulation(settings, verbose=verbose)
+        result = run_simulation(settings, verbose=verbose, site_config=sites)
     except (ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"Run directory: {result['run_dir']} (summary.txt, metrics.csv, plots/, checkpoints/)")

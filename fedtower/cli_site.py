@@ -37,24 +37,31 @@ def check(
         typer.Option("--run-config", help="The coordinator's run config, e.g. \"data='/srv/catalogue' dim=64\" "
                      "(default: the one recorded by the node's last round)."),
     ] = "",
+    node_config: Annotated[
+        str,
+        typer.Option("--node-config", help="The rest of the SuperNode's --node-config, e.g. "
+                     "\"dp-population-users=2000 max-delta=1e-6\" (checked as the node parses it)."),
+    ] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check that this site is ready to join, and show exactly what it will share.
 
     Validates the data as the node loads it (every bad row with file and line),
-    the state dir (permissions, writable, key, integrity), the privacy budget
-    (max-epsilon and epsilon spent so far) and lists every record the node's
-    replies carry. Exits 0 when ready, 1 with every problem listed otherwise.
+    the state dir (permissions, writable, key, integrity), the site's privacy
+    settings (limits, declared population, opt-ins, rollback counter), the
+    privacy budget (max-epsilon and epsilon spent so far) and lists every
+    record the node's replies carry. Exits 0 when ready, 1 with every problem listed otherwise.
     """
     from fedtower.deployment.site_check import check_site, render
     from fedtower.simulations.presets import parse_overrides
 
     try:
         overrides = parse_overrides(run_config) if run_config.strip() else {}
+        node = parse_overrides(node_config) if node_config.strip() else {}
     except ValueError as err:
         raise _fail(str(err)) from None
     report = check_site(data_path, state_dir, max_epsilon=max_epsilon, state_key_file=state_key_file,
-                        run_config=overrides)  # fmt: skip
+                        run_config=overrides, node_config=node)  # fmt: skip
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else render(report))
     if not report.ready:
         raise typer.Exit(code=1)

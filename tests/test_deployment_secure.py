@@ -199,8 +199,11 @@ def test_three_authenticated_sites_over_tls_train_under_dp_and_keep_a_verifiable
         assert "train-loss" not in row and row["budget-exhausted"] == 0, row  # an exhausted reply is not aggregated
     evaluated = [row for row in run.history() if row["phase"] == "evaluate"]
     assert [row["round"] for row in evaluated] == [rounds], log
-    assert evaluated[0]["users"] == sum(site.users_with_test for site in sites)  # every site's users, once
-    assert 0 < evaluated[0]["ndcg@20"] <= 1 and 0 < evaluated[0]["recall@20"] <= 1, evaluated
+    # A DP evaluation: each site's six noisy sums (std 20 x sqrt(6)), merged; no exact count, no coverage.
+    noise = evaluated[0]["dp-noise-std"]
+    assert isclose(noise, 20.0 * math.sqrt(6) * math.sqrt(3)) and evaluated[0]["dp-nodes"] == 3, evaluated
+    assert abs(evaluated[0]["users"] - sum(site.users_with_test for site in sites)) < 5 * noise
+    assert "ndcg@20-noise" in evaluated[0] and "coverage@20" not in evaluated[0], evaluated
     checkpoint = run.load_latest_checkpoint()
     assert checkpoint is not None and checkpoint.round == rounds
 
@@ -210,9 +213,11 @@ def test_three_authenticated_sites_over_tls_train_under_dp_and_keep_a_verifiable
     audit = ledger.verify_all()
     assert audit.ok, audit.summary()
     by_node = ledger_by_node(ledger.entries())
-    pseudonyms = [pseudonymous_node_id(deployment.node_ids[f"supernode-{i}"], run_name) for i in range(3)]
-    assert sorted(by_node) == sorted(pseudonyms)
     local = [ClientStateStore(site.state_dir, create=False).read_ledger() for site in sites]
+    pseudonyms = [entries[0]["node"] for entries in local]  # each node's own secret pseudonym for the run
+    assert sorted(by_node) == sorted(pseudonyms)
+    for index in range(3):  # not the public-key HMAC of the node id that anyone could compute
+        assert pseudonyms[index] != pseudonymous_node_id(deployment.node_ids[f"supernode-{index}"], run_name)
     for index, site in enumerate(sites):
         assert by_node[pseudonyms[index]] == local[index], index
         for entry in local[index]:
@@ -221,13 +226,17 @@ def test_three_authenticated_sites_over_tls_train_under_dp_and_keep_a_verifiable
             assert isclose(entry["epsilon_after"], independent_epsilon(history=entry["history"], delta=entry["delta"]))
         for previous, entry in zip(local[index], local[index][1:]):
             assert isclose(entry["epsilon_before"], previous["epsilon_after"])  # one accountant, never reset
-    # Sites 0 and 1 trained both rounds, ε growing exactly as planned on their own data.
+    # Sites 0 and 1 trained both rounds, ε growing exactly as planned on their own data, then evaluated.
     for index in (0, 1):
-        assert [(e["round"], e["status"]) for e in local[index]] == [(1, "trained"), (2, "trained")]
-        spent = [entry["epsilon_after"] for entry in local[index]]
+        statuses = [(e["round"], e["status"]) for e in local[index]]
+        assert statuses == [(1, "trained"), (2, "trained"), (2, "evaluated")]
+        spent = [entry["epsilon_after"] for entry in local[index][:2]]
         assert spent[0] < spent[1] and all(map(isclose, spent, fed.planned[index])), (spent, fed.planned[index])
-    # Site 2 trained round 1 under its cap and refused round 2, which would have gone over it.
-    trained, refused = local[2]
+        assert local[index][2]["added"] == [[20.0, 1.0, 1]]  # the DP evaluation it charged
+    # Site 2 trained round 1 under its cap and refused round 2, which would have gone over it; its DP
+    # evaluation (a small charge) still fit.
+    trained, refused, evaluation = local[2]
+    assert evaluation["status"] == "evaluated" and evaluation["epsilon_after"] <= fed.caps[2]
     assert (trained["round"], trained["status"]) == (1, "trained")
     assert isclose(trained["epsilon_after"], fed.planned[2][0])
     assert (refused["round"], refused["status"], refused["steps"]) == (2, "budget-exhausted", 0)
@@ -318,7 +327,10 @@ def test_tls_superlink_refuses_unregistered_wrong_key_and_plaintext_clients(secu
         key_pem = public_key_to_bytes(load_ssh_public_key(pub.read_bytes()))
         refusal = [line for line in superlink_log.splitlines() if repr(key_pem) in line]
         assert refusal and "No SuperNode found with the given public key" in refusal[0], (name, refusal)
-    assert "Server disconnected without sending a response" in deployment.log_of("refused-plaintext")
+    # The TLS port drops plain HTTP: the client sees a disconnect or a reset, depending on timing.
+    plaintext_log = deployment.log_of("refused-plaintext")
+    assert ("Server disconnected without sending a response" in plaintext_log
+            or "Connection reset by peer" in plaintext_log), plaintext_log  # fmt: skip
     # The forged signature and the foreign node id were rejected by the node-authentication middleware
     # (401); an unknown but validly signed key gets 412 (above) instead.
     assert forged_activation == 401
@@ -393,8 +405,8 @@ def test_supernode_killed_mid_round_rejoins_with_its_state_and_epsilon(tmp_path)
     audit = ledger.verify_all()
     assert audit.ok, audit.summary()
     by_node = ledger_by_node(ledger.entries())
-    assert by_node[pseudonymous_node_id(deployment.node_ids[victim], run_name)] == local
-    survivor = by_node[pseudonymous_node_id(deployment.node_ids["supernode-0"], run_name)]
+    assert by_node[local[0]["node"]] == local
+    survivor = by_node[ClientStateStore(sites[0].state_dir, create=False).read_ledger()[0]["node"]]
     assert [(e["round"], e["status"]) for e in survivor] == [(r, "trained") for r in range(1, rounds + 1)]
 
 
@@ -465,7 +477,7 @@ def test_superlink_killed_mid_round_restarts_and_the_run_resumes_after_the_last_
     # its audit flags, for each node, that round 2's history skips a round: the one lost with the SuperLink.
     ledger = ServerLedger(run_dir.path)
     by_node = ledger_by_node(ledger.entries())
-    pseudonyms = [pseudonymous_node_id(deployment.node_ids[node], run_name) for node in nodes]
+    pseudonyms = [entries[0]["node"] for entries in local]  # the same secret pseudonym in both runs
     assert sorted(by_node) == sorted(pseudonyms)
     for pseudonym, entries in zip(pseudonyms, local, strict=True):
         assert by_node[pseudonym] == [entries[0], entries[2]]

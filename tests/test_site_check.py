@@ -83,7 +83,9 @@ def test_a_fresh_site_with_good_data_and_an_encrypted_state_is_ready(tmp_path):
     report = check_site(data, state, max_epsilon=8.0, state_key_file=key, run_config=DP_RUN)
     # Assert
     assert report.ready, report.problems
-    assert statuses(report) == {"state dir": "ok", "state": "ok", "privacy budget": "ok", "data": "ok"}
+    assert statuses(report) == {"state dir": "ok", "state": "ok", "privacy budget": "ok", "data": "ok",
+                                "population": "warning", "rollback counter": "ok"}  # fmt: skip
+    assert "releases a DP count" in next(c.detail for c in report.checks if c.name == "population")
     assert report.privacy["epsilon_spent"] == 0.0 and report.privacy["epsilon_left"] == 8.0
     assert "no rounds yet" in next(c.detail for c in report.checks if c.name == "privacy budget")
     assert report.data_reports[0]["rows_read"] == report.data_reports[0]["rows_kept"] == rows
@@ -181,11 +183,26 @@ def test_a_plaintext_state_is_called_plaintext(tmp_path):
     ClientStateStore(state, create=False, key=None).update_meta(rounds_trained=0)
     # Execute
     report = check_site(data, state, max_epsilon=8.0, run_config=DP_RUN)
-    # Assert: ready, but the warning says so and how to fix it.
-    assert report.ready
+    # Assert: not ready, since the node would refuse a plaintext accountant, and it says how to fix it...
+    assert [c.name for c in report.problems] == ["state key"]
+    assert "allow-plaintext-state" in report.problems[0].detail
     key_check = next(c for c in report.checks if c.name == "state")
     assert key_check.status == WARNING and "plaintext" in key_check.detail
     assert "fedtower state encrypt" in key_check.detail
+    # ...ready once the site accepts plaintext explicitly in its node config.
+    accepted = check_site(data, state, max_epsilon=8.0, run_config=DP_RUN,
+                          node_config={"allow-plaintext-state": True, "dp-population-users": 30})  # fmt: skip
+    assert accepted.ready, accepted.problems
+    assert statuses(accepted)["population"] == "ok" and statuses(accepted)["rollback counter"] == "warning"
+
+
+def test_the_whole_node_config_is_checked_as_the_node_parses_it(tmp_path):
+    data, state, key, _ = make_site(tmp_path)
+    typo = check_site(data, state, state_key_file=key, run_config=DP_RUN, node_config={"max-epsilom": 2.0})
+    assert [c.name for c in typo.problems] == ["node config"] and "max-epsilom" in typo.problems[0].detail
+    seeded = check_site(data, state, state_key_file=key, run_config=DP_RUN,
+                        node_config={"test-only-insecure-dp-seed": 1})  # fmt: skip
+    assert [c.name for c in seeded.problems] == ["DP randomness"]
 
 
 def test_every_problem_is_listed_at_once(tmp_path):

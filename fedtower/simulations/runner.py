@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtower.client.handlers import evaluate_on_node, train_on_node
 from fedtower.client.local import cached_dataset, partition_config
 from fedtower.client.mods import optional_fixed_clipping
+from fedtower.client.node_settings import NodeSettings
 from fedtower.config import RunSettings
 from fedtower.server.federation import run_federation
 from fedtower.simulations.partition import partition_users
@@ -26,17 +28,29 @@ from fedtower.simulations.partition import partition_users
 log = logging.getLogger("fedtower")
 
 
-def make_client_app(run_config: dict) -> ClientApp:
-    """The ClientApp with `run_config` bound (simulation only)."""
+def make_client_app(run_config: dict, site_config: Mapping[str, object] | None = None) -> ClientApp:
+    """The ClientApp with `run_config` bound (simulation only).
+
+    `site_config`: node config every simulated site adds to the `partition-id` / `num-partitions`
+    Flower gives it (a declared population, an opt-in): in a simulation, whoever runs it plays
+    every site too. It is checked like a SuperNode's --node-config.
+    """
+    site_config = dict(site_config or {})
+    NodeSettings.from_node_config(site_config)  # a bad key fails here, before Ray starts
     app = ClientApp()
+
+    def as_site(context: Context) -> Context:
+        if site_config:
+            context.node_config = {**context.node_config, **site_config}
+        return context
 
     @app.train(mods=[optional_fixed_clipping])
     def train(message: Message, context: Context) -> Message:
-        return train_on_node(message, context, run_config)
+        return train_on_node(message, as_site(context), run_config)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return evaluate_on_node(message, context, run_config)
+        return evaluate_on_node(message, as_site(context), run_config)
 
     return app
 
@@ -58,10 +72,12 @@ def num_partitions(settings: RunSettings) -> int:
     return int(cached_dataset(settings.data).events["user"].nunique())
 
 
-def simulate(settings: RunSettings, *, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
+def simulate(settings: RunSettings, *, verbose: bool = False, client_app: ClientApp | None = None,
+             site_config: Mapping[str, object] | None = None) -> dict:  # fmt: skip
     """Run the whole federation in this process; returns the server's result.
 
-    `client_app` replaces fedtower's ClientApp (tests use it to inject faults).
+    `client_app` replaces fedtower's ClientApp (tests use it to inject faults); `site_config` is
+    node config for every simulated site (see make_client_app).
     """
     partitions = num_partitions(settings)
     supernodes = settings.num_supernodes or partitions
@@ -88,7 +104,7 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=make_server_app(settings, results),
-            client_app=client_app or make_client_app(run_config),
+            client_app=client_app or make_client_app(run_config, site_config),
             num_supernodes=supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,
