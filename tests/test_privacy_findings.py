@@ -33,7 +33,7 @@ from fedtower.metrics import RankingSums
 from fedtower.privacy.accounting import ClientAccountant, independent_epsilon
 from fedtower.privacy.dp_evaluation import FIELDS, SENSITIVITY, NoisyEvaluation
 from fedtower.privacy.ledger import LedgerEntry, LedgerMonitor, ServerLedger, pseudonymous_node_id
-from fedtower.privacy.secure_random import OS_SOURCE, DPRandom
+from fedtower.privacy.secure_random import _POOL, OS_SOURCE, DPRandom
 from fedtower.server.federation import initial_item_tower
 from fedtower.serving.recommender import Recommender
 from fedtower.strategies.client_dp import SecureServerSideFixedClipping
@@ -148,11 +148,12 @@ def test_dp_randomness_comes_from_the_os_key_and_nothing_else(monkeypatch):
 
 def test_secure_gaussians_are_four_box_muller_draws_halved_against_a_slow_reference():
     # Prepare: two generators with the same (test-only) key: one draws noise, one gives its raw words.
+    # (Small requests are served from a block of _POOL values drawn ahead: the first 1000 of that block.)
     noise = DPRandom.test_only_seeded(11).standard_normal(1000).double().numpy()
-    words = DPRandom.test_only_seeded(11).words32(4 * 1000).astype(np.uint64)
-    # Execute: the reference, one value at a time in float64.
+    words = DPRandom.test_only_seeded(11).words32(4 * _POOL).astype(np.uint64)
+    # Execute: the reference, in float64.
     uniforms = ((words >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0**-24
-    u = uniforms.reshape(2, 2, 1000)  # [pair][radius, angle][value]
+    u = uniforms.reshape(2, 2, _POOL)[:, :, :1000]  # [pair][radius, angle][value]
     expected = np.zeros(1000)
     for pair in range(2):
         radius, angle = np.sqrt(-2 * np.log(u[pair, 0])), 2 * np.pi * u[pair, 1]
@@ -160,8 +161,17 @@ def test_secure_gaussians_are_four_box_muller_draws_halved_against_a_slow_refere
     expected /= 2
     # Assert: the same values (float32 arithmetic), and N(0, 1) over many.
     np.testing.assert_allclose(noise, expected, atol=2e-5)
-    many = DPRandom().standard_normal(400_000).double()
+    many = DPRandom().standard_normal(400_000).double()  # (drawn in chunks, not from the block)
     assert abs(float(many.mean())) < 0.01 and abs(float(many.std()) - 1) < 0.01
+    # Small draws take consecutive, disjoint slices of the block (no value handed out twice)...
+    seeded = DPRandom.test_only_seeded(12)
+    draws = torch.cat([seeded.standard_normal(700), seeded.standard_normal(700)])
+    assert torch.equal(draws, DPRandom.test_only_seeded(12).standard_normal(1400))
+    assert not torch.equal(draws[:700], draws[700:])
+    # ...and, across several blocks, are N(0, 1) as well.
+    source = DPRandom()
+    small = torch.cat([source.standard_normal(700) for _ in range(300)]).double()
+    assert abs(float(small.mean())) < 0.02 and abs(float(small.std()) - 1) < 0.02
 
 
 def test_secure_poisson_sampling_has_the_accounted_rate_and_is_not_reproducible():

@@ -43,6 +43,7 @@ OS_SOURCE = "os-urandom/aes-256-ctr"
 TEST_ONLY_SOURCE = "TEST-ONLY-seeded (not private)"
 SECURE_DRAWS = 4  # Gaussian draws summed per noise value (Opacus secure_mode)
 _CHUNK = 1 << 18  # noise values per chunk: keeps the Box-Muller temporaries in cache
+_POOL = 1 << 16  # noise values drawn ahead for small requests
 _TWO_PI = 2.0 * math.pi
 
 
@@ -59,6 +60,8 @@ class DPRandom:
             key, nonce = digest[:32], digest[32:48]
         self._stream = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
         self.source = OS_SOURCE if _seed is None else TEST_ONLY_SOURCE
+        self._pool: torch.Tensor | None = None  # noise values drawn ahead (see _from_pool)
+        self._pool_at = 0
 
     @classmethod
     def test_only_seeded(cls, seed: int, *, stream_seeds: Mapping[str, int] | None = None) -> DPRandom:
@@ -127,14 +130,26 @@ class DPRandom:
         """N(0, 1) noise of `shape`: each value the sum of four Box-Muller draws, halved."""
         shape = torch.Size(shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,))
         total = shape.numel()
-        out = torch.empty(total, dtype=torch.float32)
-        for start in range(0, total, _CHUNK):
-            stop = min(start + _CHUNK, total)
-            out[start:stop] = self._secure_normals(stop - start)
+        if total <= _POOL // 4:
+            out = self._from_pool(total)
+        else:
+            out = torch.empty(total, dtype=torch.float32)
+            for start in range(0, total, _CHUNK):
+                stop = min(start + _CHUNK, total)
+                out[start:stop] = self._secure_normals(stop - start)
         out = out.view(shape)
         if dtype != torch.float32:
             out = out.to(dtype)
         return out if device is None or torch.device(device).type == "cpu" else out.to(device)
+
+    def _from_pool(self, count: int) -> torch.Tensor:
+        """`count` values from a block drawn ahead: a DP step asks for a few thousand values at a time, and
+        each draw from the cipher has a fixed cost of its own. Every value is handed out once."""
+        if self._pool is None or self._pool_at + count > len(self._pool):
+            self._pool, self._pool_at = self._secure_normals(_POOL), 0
+        out = self._pool[self._pool_at : self._pool_at + count].clone()
+        self._pool_at += count
+        return out
 
     def gaussian_like(self, reference: torch.Tensor, std: float | torch.Tensor = 1.0) -> torch.Tensor:
         """Noise shaped and placed like `reference`; `std` a number or a tensor that broadcasts."""
