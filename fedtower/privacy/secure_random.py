@@ -136,7 +136,7 @@ class DPRandom:
             out = torch.empty(total, dtype=torch.float32)
             for start in range(0, total, _CHUNK):
                 stop = min(start + _CHUNK, total)
-                out[start:stop] = self._secure_normals(stop - start)
+                self._secure_normals(stop - start, out=out[start:stop])
         out = out.view(shape)
         if dtype != torch.float32:
             out = out.to(dtype)
@@ -156,7 +156,7 @@ class DPRandom:
         noise = self.standard_normal(reference.shape, dtype=reference.dtype, device=reference.device)
         return noise.mul_(std)
 
-    def _secure_normals(self, count: int) -> torch.Tensor:
+    def _secure_normals(self, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """`count` N(0, 1) values, float32: (z1 + z2 + z3 + z4) / 2, the z's independent draws.
 
         One Box-Muller pair (radius, angle) gives two independent normals, r cos and r sin;
@@ -169,4 +169,4 @@ class DPRandom:
         radius = uniforms[:, 0].log_().mul_(-2.0).sqrt_()  # 2 x count
         angle = uniforms[:, 1].mul_(_TWO_PI)
         draws = angle.cos().add_(angle.sin_()).mul_(radius)  # r cos + r sin, for each pair
-        return draws.sum(0).mul_(0.5)
+        return torch.sum(draws, 0, out=out).mul_(0.5)

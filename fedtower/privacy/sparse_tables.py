@@ -115,12 +115,10 @@ class LazyNoiseTable:
             return
         std = (self.variance_so_far - self.row_variance.index_select(0, rows)).clamp_(min=0.0).sqrt_()
         std = std.to(self.weight.dtype).unsqueeze(1)  # rows owing nothing get 0
-        widths = [weight.shape[1] for weight in self.weights]
-        # One draw for all tables of the group: each call to the secure source has a fixed cost.
-        noise = self.randomness.standard_normal((len(rows), sum(widths)), dtype=self.weight.dtype,
-                                                device=self.weight.device).mul_(std)  # fmt: skip
-        for weight, part in zip(self.weights, noise.split(widths, dim=1)):
-            weight.index_add_(0, rows, part.contiguous())
+        for weight in self.weights:
+            noise = self.randomness.standard_normal((len(rows), weight.shape[1]), dtype=weight.dtype,
+                                                    device=weight.device)  # fmt: skip
+            weight.index_add_(0, rows, noise.mul_(std))
         self.row_variance.index_fill_(0, rows, self.variance_so_far)
 
     @torch.no_grad()
