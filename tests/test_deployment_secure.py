@@ -203,7 +203,9 @@ def test_three_authenticated_sites_over_tls_train_under_dp_and_keep_a_verifiable
     noise = evaluated[0]["dp-noise-std"]
     assert isclose(noise, 20.0 * math.sqrt(6) * math.sqrt(3)) and evaluated[0]["dp-nodes"] == 3, evaluated
     assert abs(evaluated[0]["users"] - sum(site.users_with_test for site in sites)) < 5 * noise
-    assert "ndcg@20-noise" in evaluated[0] and "coverage@20" not in evaluated[0], evaluated
+    assert "coverage@20" not in evaluated[0], evaluated
+    # With ~40 users a site, the noise can swamp the count (users < 1): then no mean is reported at all.
+    assert ("ndcg@20-noise" in evaluated[0]) == (evaluated[0]["users"] >= 1), evaluated
     checkpoint = run.load_latest_checkpoint()
     assert checkpoint is not None and checkpoint.round == rounds
 
