@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedtower import __version__
+from fedtower.cli_audit import audit
 from fedtower.cli_keys import keys_app
 from fedtower.cli_recommend import recommend as _recommend_command
 from fedtower.cli_serve import serve
@@ -33,6 +34,7 @@ app.add_typer(state_app, name="state")  # keygen, encrypt, rotate-key, verify (f
 app.command("serve")(serve)  # the local HTTP API (fedtower/cli_serve.py)
 app.add_typer(keys_app, name="keys")  # TLS certificates and node key pairs (fedtower/cli_keys.py)
 app.add_typer(site_app, name="site")  # a partner site's readiness check and ledger (fedtower/cli_site.py)
+app.command("audit")(audit)  # verify a privacy ledger, recompute every epsilon (fedtower/cli_audit.py)
 
 DataOption = Annotated[
     str,

@@ -75,12 +75,17 @@ def node(
     out: OutOption,
     force: ForceOption = False,
 ) -> None:
-    """Site: create this SuperNode's authentication key pair (<site>.key, <site>.pub)."""
+    """Site: create this SuperNode's authentication key pair (<site>.key, <site>.pub) and its privacy-ledger
+    signing pair (<site>.ledger.key, <site>.ledger.pub)."""
     try:
         key, pub = keys.create_node_keys(out, site=site, overwrite=force)
+        ledger_key, ledger_pub = keys.create_ledger_keys(out, site=site, overwrite=force)
     except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
-    _wrote(f"Wrote {key} (private, mode 600: never leaves this machine) and {pub} (public).",
+    _wrote(f"Wrote {key} and {ledger_key} (private, mode 600: never leave this machine), {pub} and {ledger_pub} "
+           "(public).",
            "Next:",
-           f"  Send only {pub} to the coordinator, who runs: flwr supernode register {pub.name} <connection>",
-           f"  Start the SuperNode with --auth-supernode-private-key {key} --root-certificates <ca.crt>")  # fmt: skip
+           f"  Send {pub} and {ledger_pub} to the coordinator, who runs: flwr supernode register {pub.name} "
+           "<connection>, and keeps the .ledger.pub for audits (fedtower audit --keys DIR)",
+           f"  Start the SuperNode with --auth-supernode-private-key {key} --root-certificates <ca.crt> "
+           f"--node-config \"... ledger-key='{ledger_key}'\"")  # fmt: skip

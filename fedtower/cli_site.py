@@ -72,16 +72,35 @@ def ledger(
     state_dir: StateDirOption,
     state_key_file: KeyFileOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print every entry as JSON.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Audit the whole ledger (signatures, the node's "
+                                          "complete chain, every epsilon by dp-accounting); exit 1 if any "
+                                          "finding.")] = False,  # fmt: skip
+    public_key: Annotated[bool, typer.Option("--public-key", help="Print the public key this node signs its "
+                                              "ledger with (to register it with the coordinator).")] = False,
 ) -> None:
     """Print this node's own privacy ledger: epsilon before and after every round, as it was sent."""
     from fedtower.client.state import ClientStateStore, StateError
-    from fedtower.privacy.ledger import LedgerEntry
+    from fedtower.privacy.ledger import entry_of
 
     node_config = {"state-key-file": str(state_key_file)} if state_key_file else None
     try:
-        entries = ClientStateStore.for_node(state_dir, node_config).read_ledger()
-    except StateError as err:
+        store = ClientStateStore.for_node(state_dir, node_config)
+        entries = store.read_ledger()
+        if public_key:
+            from fedtower.client.ledger_signing import public_key_of_state
+
+            typer.echo(public_key_of_state(store))
+            return
+    except (StateError, ValueError, OSError) as err:
         raise _fail(str(err)) from None
+    if verify:
+        from fedtower.privacy.audit import audit_records
+
+        result = audit_records(entries, source=f"{state_dir} (the node's own ledger)", whole_chain=True)
+        typer.echo(result.summary())
+        if not result.ok:
+            raise typer.Exit(code=1)
+        return
     if json_out:
         typer.echo(json.dumps(entries, indent=2))
         return
@@ -91,6 +110,6 @@ def ledger(
     typer.echo(f"{'run':<16} {'round':>5} {'status':<16} {'steps':>6} {'noise':>7} {'epsilon before':>15} "
                f"{'epsilon after':>14} {'delta':>9}")  # fmt: skip
     for raw in entries:
-        e = LedgerEntry.from_dict(raw)
+        e = entry_of(raw)
         typer.echo(f"{e.run:<16} {e.round:>5} {e.status:<16} {e.steps:>6} {e.noise_multiplier:>7.3f} "
                    f"{e.epsilon_before:>15.4f} {e.epsilon_after:>14.4f} {e.delta:>9.2g}")  # fmt: skip

@@ -97,6 +97,9 @@ class RunSettings:
     # Federated evaluation in a DP run: Gaussian noise with this multiplier on six per-user-bounded
     # sums, charged to each node's accountant (a site may opt in to exact sums instead).
     dp_eval_noise_multiplier: float = 20.0
+    # DP steps draw their shared negatives from the first N catalogue rows only (0: all of them). Public
+    # and data-independent; the empirical audit keeps its canary items (the last rows) out of the pool.
+    dp_negative_items: int = 0
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
     client_dp_noise: float = 1.0
@@ -146,6 +149,8 @@ class RunSettings:
         check_embedding_path(self.dp_embedding_path, self.dp_table_optimizer)
         if not self.dp_table_lr > 0:
             raise ValueError(f"dp-table-lr must be positive, got {self.dp_table_lr}.")
+        if self.dp_negative_items < 0:
+            raise ValueError(f"dp-negative-items must be 0 (every item) or positive, got {self.dp_negative_items}.")
         if not self.dp_eval_noise_multiplier > 0:
             raise ValueError(f"dp-eval-noise-multiplier must be positive, got {self.dp_eval_noise_multiplier}.")
         if not 0.0 <= self.taste_skew <= 1.0:

@@ -7,7 +7,7 @@ from fedtower.client.handlers import BudgetRefusal, evaluate_on_node, train_on_n
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.privacy.accounting import ClientAccountant, independent_epsilon
-from fedtower.privacy.ledger import LedgerEntry
+from fedtower.privacy.ledger import LedgerEntry, entry_of, ledger_line_of, record_digest, verify_entry
 from fedtower.server.federation import initial_item_tower
 from tests.flower_utils import node_context, server_message, task_identity
 
@@ -59,7 +59,13 @@ def test_dp_rounds_compose_in_a_persistent_accountant_and_the_ledger(tmp_path):
     assert independent_epsilon(history=entries[1].history, delta=entries[1].delta) == pytest.approx(
         entries[1].epsilon_after, rel=1e-6)
     # The client kept its own copy of the ledger.
-    assert [e["round"] for e in state_of(config).read_ledger()] == [1, 2]
+    local = state_of(config).read_ledger()
+    assert [entry_of(e).round for e in local] == [1, 2]
+    # ...signed, as the replies carried it, and chained: round 2 names round 1's record.
+    assert local == [ledger_line_of(r.content["ledger"]) for r in (first, second)]
+    assert [entry_of(e).sequence for e in local] == [1, 2]
+    assert entry_of(local[1]).previous == entry_of(local[1]).previous_in_run == record_digest(local[0])
+    assert all(verify_entry(e) for e in local)
 
 
 def test_a_client_that_trained_without_an_accountant_refuses_dp(tmp_path):

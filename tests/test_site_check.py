@@ -15,7 +15,7 @@ from fedtower.config import RunSettings
 from fedtower.data.schema import EVENT_COLUMNS
 from fedtower.data.sources import resolve_dataset
 from fedtower.deployment.site_check import PROBLEM, WARNING, check_site
-from fedtower.privacy.ledger import LedgerEntry
+from fedtower.privacy.ledger import LedgerEntry, entry_of
 from fedtower.server.federation import initial_item_tower
 from tests.flower_utils import node_context, server_message, task_identity
 
@@ -251,7 +251,7 @@ def test_site_ledger_prints_the_nodes_own_entries(trained):
     raw = runner.invoke(app, ["site", "ledger", "--state-dir", str(state), "--state-key-file", str(key), "--json"])
     # Assert
     assert table.exit_code == 0 and "trained" in table.output and f"{sent.epsilon_after:.4f}" in table.output
-    listed = [LedgerEntry.from_dict(e) for e in json.loads(raw.output)]
+    listed = [entry_of(e) for e in json.loads(raw.output)]
     assert listed[0] == sent  # (a DP evaluation of the same site may follow it)
     assert [e.status for e in listed[1:]] in ([], ["evaluated"])
 

@@ -58,6 +58,7 @@ log = logging.getLogger("fedtower.client")
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 UNITS = ("user", "interaction")
+UNCLIPPED = 1e30  # the clipping bound of the test-only no-clipping hook
 NEGATIVES_STREAM = 0x6E65_6773  # "negs": tags the shared-negatives random stream
 
 
@@ -80,6 +81,10 @@ class DPConfig:
     # The expected batch size the noisy sum is divided by: public (q x the public population), so the
     # scale of the released noise says nothing about the private number of samples. None: q x n.
     batch_divisor: float | None = None
+    negative_items: int = 0  # shared negatives from the first N item rows (0: the whole catalogue)
+    # Test-only hooks that break DP on purpose (node config test-only-...; the ledger names them).
+    test_only_noise_scale: float = 1.0
+    test_only_no_clipping: bool = False
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -129,12 +134,13 @@ class SecureNoiseDPOptimizer(DPOptimizer):
     draws summed, from a cryptographic generator) from `DPRandom`.
     """
 
-    def __init__(self, *args, randomness: DPRandom, **kwargs):
+    def __init__(self, *args, randomness: DPRandom, noise_std: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.randomness = randomness
+        self.noise_std = noise_std  # sigma x C (the clipping bound may differ under a test-only hook)
 
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_std
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             p.grad = (p.summed_grad + self.randomness.gaussian_like(p.summed_grad, std)).view_as(p)
@@ -193,7 +199,8 @@ class DPTrainer:
             self.noise_engine = SecureNoiseDPOptimizer(
                 torch.optim.SGD(table_weights + self.dense_params, lr=0.0),
                 noise_multiplier=config.noise_multiplier,
-                max_grad_norm=config.max_grad_norm,
+                max_grad_norm=UNCLIPPED if config.test_only_no_clipping else config.max_grad_norm,
+                noise_std=config.noise_multiplier * config.max_grad_norm * config.test_only_noise_scale,
                 expected_batch_size=1,  # set per step to q * population, see step()
                 loss_reduction="mean",  # divides the noisy sum by expected_batch_size
                 randomness=self.randomness,
@@ -228,7 +235,8 @@ class DPTrainer:
         # A key space of its own (sample keys are (seed, step, sample id)).
         key = np.random.SeedSequence([NEGATIVES_STREAM, self.stream_seed, self.step_index]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(key))
-        negatives = torch.randint(self.model.config.num_items, (self.config.num_negatives,), generator=generator)
+        pool = min(self.config.negative_items or self.model.config.num_items, self.model.config.num_items)
+        negatives = torch.randint(pool, (self.config.num_negatives,), generator=generator)
         return negatives.to(device)
 
     def _user_batch(self, histories: UserHistories, rows: np.ndarray, device) -> tuple:
@@ -336,7 +344,7 @@ class DPTrainer:
 
     def _sparse_step(self, batch: int, expected_batch: float) -> None:
         cfg = self.config
-        noise_std = cfg.noise_multiplier * cfg.max_grad_norm
+        noise_std = cfg.noise_multiplier * cfg.max_grad_norm * cfg.test_only_noise_scale
         device = self.model.item_tower.id_embedding.weight.device
         squared = torch.zeros(batch, device=device)
         per_table = [table.batch_reads() if batch else None for table in self.tables]
@@ -347,6 +355,8 @@ class DPTrainer:
             if batch and p.grad_sample is not None:
                 squared += p.grad_sample.reshape(batch, -1).pow(2).sum(1)
         clip = clip_factors(squared, cfg.max_grad_norm)  # one factor per sample, over all parameters
+        if cfg.test_only_no_clipping:
+            clip = torch.ones_like(clip)
         if self.inspect is not None:
             self._inspect_sparse(batch, per_table, clip, squared)
         for table, reads in zip(self.tables, per_table):

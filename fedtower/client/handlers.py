@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedtower.client.ledger_signing import LedgerSigner
 from fedtower.client.local import (
     NodeData,
     build_model,
@@ -48,7 +49,13 @@ from fedtower.models.training import TrainConfig, evaluate, make_optimizer, priv
 from fedtower.models.two_tower import TwoTower
 from fedtower.privacy.accounting import compose
 from fedtower.privacy.dp_evaluation import SENSITIVITY, NoisyEvaluation
-from fedtower.privacy.ledger import LedgerEntry, library_versions, pseudonymous_node_id
+from fedtower.privacy.ledger import (
+    LedgerEntry,
+    library_versions,
+    pseudonymous_node_id,
+    sign_entry,
+    signed_to_config_record,
+)
 from fedtower.privacy.secure_random import DPRandom
 from fedtower.strategies.item_tower import arrays_digest
 
@@ -201,11 +208,11 @@ def client_dp_train_content(arrays: ArrayRecord) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
 
 
-def private_train_content(arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> RecordDict:
-    """A DP round: the item tower, a constant weight, the budget status and the ledger entry."""
+def private_train_content(arrays: ArrayRecord, record: dict, *, exhausted: bool) -> RecordDict:
+    """A DP round: the item tower, a constant weight, the budget status and the signed ledger entry."""
     # Constant weight: an example count would leak the site's size to the aggregate.
     metrics = MetricRecord({"num-examples": 1, "budget-exhausted": int(exhausted)})
-    return RecordDict({"arrays": arrays, "metrics": metrics, "ledger": entry.to_config_record()})
+    return RecordDict({"arrays": arrays, "metrics": metrics, "ledger": signed_to_config_record(record)})
 
 
 def evaluate_content(sums: RankingSums) -> RecordDict:
@@ -215,18 +222,18 @@ def evaluate_content(sums: RankingSums) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(payload)})
 
 
-def dp_evaluate_content(release: NoisyEvaluation, entry: LedgerEntry) -> RecordDict:
-    """A DP evaluation: six noisy sums, their noise level, and the ledger entry that charged them."""
+def dp_evaluate_content(release: NoisyEvaluation, record: dict) -> RecordDict:
+    """A DP evaluation: six noisy sums, their noise level, and the signed ledger entry that charged them."""
     payload = {**release.to_metrics(), "num-examples": 1}
-    return RecordDict({"metrics": MetricRecord(payload), "ledger": entry.to_config_record()})
+    return RecordDict({"metrics": MetricRecord(payload), "ledger": signed_to_config_record(record)})
 
 
-def raw_evaluate_content(sums: RankingSums, entry: LedgerEntry | None) -> RecordDict:
+def raw_evaluate_content(sums: RankingSums, record: dict | None) -> RecordDict:
     """Exact sums in a DP run, because the site opted in (node config allow-raw-evaluation)."""
     content = evaluate_content(sums)
     content["metrics"]["raw-evaluation"] = 1
-    if entry is not None:
-        content["ledger"] = entry.to_config_record()
+    if record is not None:
+        content["ledger"] = signed_to_config_record(record)
     return content
 
 
@@ -270,6 +277,7 @@ class _PrivateRound:
         self.meta = dict(meta if meta is not None else state.load("meta", default={}) or {})
         self.node_name = _pseudonym(self.meta, context.node_id, settings.run_name)
         self.cap = budget_cap(settings, node)
+        self.signer = LedgerSigner.for_node(node, state)
 
     @property
     def blind(self) -> bool:
@@ -312,15 +320,19 @@ class _PrivateRound:
             population_source=source,
             randomness=self.randomness.source,
             raw_evaluation=self.node.allow_raw_evaluation,
+            hooks=self.node.hooks,
         )
 
     def pending_count(self) -> list:
         """The run's DP count when it must be charged with a release that reveals it, else []."""
         return [] if self.blind else list(self.count)
 
-    def commit(self, components: dict, added: list, entry: LedgerEntry) -> None:
+    def commit(self, components: dict, added: list, entry: LedgerEntry) -> dict:
         """Charge `added` and save it with `components` in one atomic write, then advance the
-        rollback counter and log the entry: the accountant never lags behind what is released."""
+        rollback counter and log the entry, chained and signed: the accountant never lags behind
+        what is released. Returns the signed record (what the reply carries)."""
+        record = self.signer.sign(entry, self.state.read_ledger())
+        components = {**components, **(self.signer.new_component or {})}
         meta = components.pop("meta", self.meta)
         if self.blind:  # nothing charged, no calibration kept: the count was never released
             self.state.save({**components, "meta": meta})
@@ -330,7 +342,9 @@ class _PrivateRound:
             self.state.save({**components, "accountant": self.accountant.state_dict(),
                              "calibration": self.calibration.to_dict(), "meta": meta})  # fmt: skip
             self.counter.advance(self.state)
-        self.state.append_ledger(entry.to_dict())
+        self.state.append_ledger(record)
+        self.signer.new_component = None
+        return record
 
 
 PLACEHOLDER_DELTA = 1e-5
@@ -356,10 +370,10 @@ def _train_private(message, context, settings, node, state, data, model, global_
                     "exhausted).", round_.node_name, plan.epsilon_after, plan.cap)  # fmt: skip
         added = round_.pending_count()  # a refusal that names the sampling rate releases the count
         entry = round_.entry(plan, status="budget-exhausted", added=added)
-        round_.commit({"item_tower": global_snapshot,
-                       "meta": _next_meta(round_.meta, message, server_round, data.source, trained=False)},
-                      added, entry)  # fmt: skip
-        return _private_reply(message, message.content["arrays"], entry, exhausted=True)
+        record = round_.commit({"item_tower": global_snapshot,
+                                "meta": _next_meta(round_.meta, message, server_round, data.source, trained=False)},
+                               added, entry)  # fmt: skip
+        return _private_reply(message, message.content["arrays"], record, exhausted=True)
 
     interaction = settings.privacy_unit == "interaction"
     # The interaction unit trains the user table inside DP: start from the table DP last left, never from
@@ -367,7 +381,8 @@ def _train_private(message, context, settings, node, state, data, model, global_
     load_user_embeddings(model, data.users, state.load(DP_USERS if interaction else "users", default=None))
     model.to(pick_device(settings.device))
     dp_state = train_private_round(model, data.split.train, settings, plan, randomness=round_.randomness,
-                                   item_optimizer_state=state.load("dp_optimizer", default=None))  # fmt: skip
+                                   item_optimizer_state=state.load("dp_optimizer", default=None),
+                                   node=node)  # fmt: skip
     model.cpu()
     entry = round_.entry(plan, status="trained", added=plan.added, mechanism="dp-sgd")
     users = user_embeddings_payload(model, data.users)
@@ -379,12 +394,12 @@ def _train_private(message, context, settings, node, state, data, model, global_
     }
     if interaction:
         components[DP_USERS] = users
-    round_.commit(components, plan.added, entry)
-    return _private_reply(message, ArrayRecord(model.item_tower_state()), entry, exhausted=False)
+    record = round_.commit(components, plan.added, entry)
+    return _private_reply(message, ArrayRecord(model.item_tower_state()), record, exhausted=False)
 
 
-def _private_reply(message: Message, arrays: ArrayRecord, entry: LedgerEntry, *, exhausted: bool) -> Message:
-    return Message(content=private_train_content(arrays, entry, exhausted=exhausted), reply_to=message)
+def _private_reply(message: Message, arrays: ArrayRecord, record: dict, *, exhausted: bool) -> Message:
+    return Message(content=private_train_content(arrays, record, exhausted=exhausted), reply_to=message)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -434,16 +449,14 @@ def _evaluate_private(settings, node, state, data, context, server_round, sums: 
                     round_.node_name)  # fmt: skip
         added = round_.pending_count()
         entry = round_.entry(plan, status="raw-evaluation", added=added, max_grad_norm=SENSITIVITY)
-        round_.commit({}, added, entry)
-        return raw_evaluate_content(sums, entry)
+        return raw_evaluate_content(sums, round_.commit({}, added, entry))
     if plan.exhausted:
         return withheld_evaluate_content(f"a DP evaluation would reach epsilon {plan.epsilon_after:.3f} > cap "
                                          f"{plan.cap:.3f}")  # fmt: skip
     release = NoisyEvaluation.release(sums, noise_multiplier=round_.calibration.eval_noise_multiplier,
                                       randomness=round_.randomness)  # fmt: skip
     entry = round_.entry(plan, status="evaluated", added=plan.added, mechanism="gaussian", max_grad_norm=SENSITIVITY)
-    round_.commit({}, plan.added, entry)
-    return dp_evaluate_content(release, entry)
+    return dp_evaluate_content(release, round_.commit({}, plan.added, entry))
 
 
 def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
@@ -459,10 +472,14 @@ def _same_param_shapes(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
-def ledger_entry_placeholder(settings: RunSettings) -> LedgerEntry:
-    """A ledger entry with placeholder numbers, to show a site which fields its replies carry."""
-    return LedgerEntry(run=settings.run_name or "run", round=1, node="node", unit=settings.privacy_unit,
-                       noise_multiplier=1.0, sample_rate=1.0, steps=1, max_grad_norm=settings.max_grad_norm,
-                       delta=1e-5, accountant="rdp", epsilon_before=0.0, epsilon_after=0.0, status="trained",
-                       weights="constant", history=[[1.0, 1.0, 1]], population=1, population_source="declared",
-                       randomness=DPRandom().source)  # fmt: skip
+def ledger_record_placeholder(settings: RunSettings) -> dict:
+    """A signed ledger entry with placeholder numbers, to show a site which fields its replies carry."""
+    from fedtower.privacy.ledger import generate_signing_key, public_key_text
+
+    key = generate_signing_key()
+    entry = LedgerEntry(run=settings.run_name or "run", round=1, node="node", unit=settings.privacy_unit,
+                        noise_multiplier=1.0, sample_rate=1.0, steps=1, max_grad_norm=settings.max_grad_norm,
+                        delta=1e-5, accountant="rdp", epsilon_before=0.0, epsilon_after=0.0, status="trained",
+                        weights="constant", history=[[1.0, 1.0, 1]], population=1, population_source="declared",
+                        randomness=DPRandom().source, sequence=1, signer=public_key_text(key.public_key()))  # fmt: skip
+    return sign_entry(entry, key)

@@ -49,8 +49,12 @@ class NodeSettings:
     # Rollback protection and concurrency.
     rollback_counter: Path | None = None  # default: beside state-key-file, when there is one
     train_lock_timeout: float = DEFAULT_TRAIN_LOCK_TIMEOUT  # seconds a round waits for another one
-    # Reproducible DP noise, for tests only. The ledger of every such round says it is not private.
-    test_only_insecure_dp_seed: int | None = None
+    ledger_key: Path | None = None  # Ed25519 PEM that signs the ledger (default: one kept in the state)
+    # Test-only hooks that break DP on purpose (to check the audits catch them). The ledger of every
+    # such round names them, and the audit reports them.
+    test_only_insecure_dp_seed: int | None = None  # reproducible DP noise
+    test_only_noise_scale: float | None = None  # multiply the DP-SGD noise std by this
+    test_only_no_clipping: bool = False  # leave per-sample gradients unclipped
     raw: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -81,6 +85,16 @@ class NodeSettings:
 
     # ------------------------------------------------------------------ derived
     @property
+    def hooks(self) -> tuple[str, ...]:
+        """The active test-only hooks that change the mechanism (the seed is recorded as `randomness`)."""
+        active = []
+        if self.test_only_noise_scale is not None and self.test_only_noise_scale != 1.0:
+            active.append(f"noise-scale={self.test_only_noise_scale:g}")
+        if self.test_only_no_clipping:
+            active.append("no-clipping")
+        return tuple(active)
+
+    @property
     def deployed(self) -> bool:
         """A node whose state dir the site manages (deployment), not one the simulation creates."""
         return self.state_dir is not None
@@ -103,12 +117,12 @@ class NodeSettings:
 
 # ------------------------------------------------------------------ parsing
 
-_PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter"}
+_PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter", "ledger-key"}
 _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population-events",
          "test-only-insecure-dp-seed"}  # fmt: skip
-_POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout"}
+_POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
-_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state"}
+_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping"}
 
 
 def _parse(key: str, value: object) -> object:

@@ -272,6 +272,7 @@ def train_private_round(
     *,
     randomness: DPRandom,
     item_optimizer_state: dict | None,
+    node: NodeSettings | None = None,
 ) -> dict:
     """Run the round's DP steps; returns the DP optimizer state. The caller charges `plan.added`
     to the accountant and saves it with what was trained, before anything is released."""
@@ -292,7 +293,12 @@ def train_private_round(
         table_optimizer=settings.dp_table_optimizer,
         table_lr=settings.dp_table_lr,
         batch_divisor=calibration.batch_divisor,
+        negative_items=settings.dp_negative_items,
+        test_only_noise_scale=(node.test_only_noise_scale or 1.0) if node else 1.0,
+        test_only_no_clipping=bool(node and node.test_only_no_clipping),
     )
+    if node is not None and node.hooks:
+        log.warning("Test-only hooks %s are active: this round is NOT private (the ledger says so).", node.hooks)
     trainer = DPTrainer(model, config, randomness=randomness, item_optimizer_state=item_optimizer_state)
     try:
         trainer.run(histories)

@@ -73,6 +73,7 @@ KIND_SUFFIX: dict[str, str] = {"torch": "pt", "json": "json"}
 COMPONENT_KINDS: dict[str, str] = {
     "users": "torch",  # {"embeddings": Tensor, "user_ids": list[str]}
     "dp_users": "torch",  # the same, as interaction-level DP-SGD left it (serving never writes it)
+    "ledger_key": "json",  # the node's own Ed25519 ledger signing key, when node config names none
     "optimizer": "torch",  # optimizer.state_dict()
     "item_tower": "torch",  # latest global item-tower state_dict, for serving
     "accountant": "json",  # DP accountant state

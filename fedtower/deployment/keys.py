@@ -222,6 +222,22 @@ def create_server_certificate(
     return cert_path, key_path
 
 
+def create_ledger_keys(out_dir: Path, *, site: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """`<site>.ledger.key` (0600, PKCS#8 PEM) and `<site>.ledger.pub` (PEM): the Ed25519 pair that signs
+    the site's privacy ledger (node config `ledger-key`); the .pub goes to the coordinator and auditors."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    validate_site(site)
+    key_path, pub_path = _prepare(out_dir, [f"{site}.ledger.key", f"{site}.ledger.pub"], overwrite)
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write(key_path, private, 0o600, overwrite)
+    _write(pub_path, public, 0o644, overwrite)
+    return key_path, pub_path
+
+
 def create_node_keys(out_dir: Path, *, site: str, overwrite: bool = False) -> tuple[Path, Path]:
     """`<site>.key` (0600, OpenSSH private format) and `<site>.pub` (OpenSSH line, comment = site).
 

@@ -259,6 +259,7 @@ def _settings(report: SiteReport, store, run_config: Mapping[str, object] | None
 def _check_budget(report: SiteReport, store, max_epsilon: float | None, settings) -> None:
     from fedtower.client.private_round import load_accountant
     from fedtower.client.state import StateError
+    from fedtower.privacy.ledger import entry_of
 
     privacy: dict[str, Any] = {"max_epsilon": max_epsilon}
     report.privacy = privacy
@@ -281,7 +282,7 @@ def _check_budget(report: SiteReport, store, max_epsilon: float | None, settings
         spent = "0 (no rounds yet)"
     else:
         calibration = store.load("calibration", default=None) or {}
-        delta = calibration.get("delta") or (ledger[-1].get("delta") if ledger else None)
+        delta = calibration.get("delta") or (entry_of(ledger[-1]).delta if ledger else None)
         if delta is None:
             report.add("epsilon spent", PROBLEM, f"The accountant in {store.state_dir} has history but no delta "
                                                  "was recorded (no calibration, empty ledger).")  # fmt: skip
@@ -377,7 +378,7 @@ def _describe_shared(report: SiteReport, settings, data: _Data | None) -> None:
         client_dp_train_content,
         dp_evaluate_content,
         evaluate_content,
-        ledger_entry_placeholder,
+        ledger_record_placeholder,
         private_train_content,
         train_content,
         withheld_evaluate_content,
@@ -390,7 +391,7 @@ def _describe_shared(report: SiteReport, settings, data: _Data | None) -> None:
     model = build_model(settings, catalogue, num_users=max(data.users if data else 1, 1))
     arrays = ArrayRecord(model.item_tower_state())
     # Placeholder values: only the records' names, keys and shapes are shown.
-    entry = ledger_entry_placeholder(replace(settings, run_name=settings.run_name or "run"))
+    entry = ledger_record_placeholder(replace(settings, run_name=settings.run_name or "run"))
     replies = {
         "train (DP on)": private_train_content(arrays, entry, exhausted=False),
         "train (DP off)": train_content(arrays, num_examples=0, train_loss=0.0, seconds=0.0),

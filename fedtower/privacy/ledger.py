@@ -30,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterable, Mapping
@@ -84,9 +85,11 @@ _DEFAULT_PSEUDONYM_KEY = b"fedtower-node-pseudonym"
 
 # An ε in the ledger and the one recomputed from its history may differ by this much, relatively.
 RELATIVE_TOLERANCE = 1e-6
-_JSON_FIELDS = ("history", "versions", "added")  # sent inside a ConfigRecord as JSON strings
+_JSON_FIELDS = ("history", "versions", "added", "hooks")  # sent inside a ConfigRecord as JSON strings
 _FORMAT_2_FIELDS = ("added", "mechanism", "release", "adjacency", "population", "population_source",
-                    "randomness", "raw_evaluation")  # fmt: skip
+                    "randomness", "raw_evaluation", "hooks", "sequence", "previous", "previous_in_run",
+                    "signer")  # fmt: skip
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class LedgerSignatureError(ValueError):
@@ -206,6 +209,13 @@ class LedgerEntry:
     population_source: str = "unrecorded"  # declared by the site, or a DP count (charged in `added`)
     randomness: str = "unrecorded"  # where the DP randomness came from (a TEST-ONLY seed says so)
     raw_evaluation: bool = False  # the site opted in to releasing exact evaluation sums
+    hooks: tuple[str, ...] = ()  # test-only hooks that were active (each voids the guarantee)
+    # The chain: this node's entry count, and the digest of its previous signed record, overall and in
+    # this run (record_digest; "" for the first). A deleted, reordered or replayed entry breaks it.
+    sequence: int = 0  # 0: unrecorded (format 1, or an unsigned entry)
+    previous: str = ""
+    previous_in_run: str = ""
+    signer: str = ""  # the node's Ed25519 public key (base64 of its 32 raw bytes) that signs this entry
 
     def __post_init__(self) -> None:
         checked = {
@@ -233,6 +243,16 @@ class LedgerEntry:
             "population_source": _check_choice(self.population_source, "population_source", POPULATION_SOURCES),
             "randomness": _check_text(self.randomness, "randomness"),
         }
+        if isinstance(self.hooks, (str, bytes)) or not all(isinstance(h, str) and h for h in self.hooks):
+            raise ValueError(f"{_field_name('hooks')} must be a list of hook names; got {self.hooks!r}.")
+        checked["hooks"] = tuple(self.hooks)
+        checked["sequence"] = int(check_steps(self.sequence, name=_field_name("sequence"), minimum=0))
+        for name in ("previous", "previous_in_run"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or (value and not _HEX_DIGEST.fullmatch(value)):
+                raise ValueError(f"{_field_name(name)} must be a SHA-256 hex digest or empty; got {value!r}.")
+        if not isinstance(self.signer, str):
+            raise ValueError(f"{_field_name('signer')} must be a base64 public key or empty; got {self.signer!r}.")
         if not isinstance(self.raw_evaluation, bool):
             raise ValueError(f"{_field_name('raw_evaluation')} must be true or false; got {self.raw_evaluation!r}.")
         if self.release:
@@ -268,8 +288,8 @@ class LedgerEntry:
 
     @property
     def is_test_only(self) -> bool:
-        """The round's DP randomness came from a test-only seed: its noise can be regenerated."""
-        return self.randomness.startswith("TEST-ONLY")
+        """A test-only hook was active (a seeded noise, less noise, no clipping): the release is not private."""
+        return self.randomness.startswith("TEST-ONLY") or bool(self.hooks)
 
     # ------------------------------------------------------------ dicts
 
@@ -281,6 +301,7 @@ class LedgerEntry:
         body["history"] = [list(entry) for entry in self.history]
         body["added"] = [list(entry) for entry in self.charged]
         body["release"] = self.released
+        body["hooks"] = list(self.hooks)
         body["versions"] = dict(self.versions)
         return body
 
@@ -312,7 +333,9 @@ class LedgerEntry:
 
     @classmethod
     def from_config_record(cls, record: Mapping[str, Any]) -> LedgerEntry:
-        return cls.from_dict(_unflat_record(record))
+        """The entry of a reply's ledger record, plain or signed (the signature is not checked here)."""
+        data = {k: v for k, v in dict(record).items() if k not in SIGNED_KEYS}
+        return cls.from_dict(_unflat_record(data))
 
     def canonical_json(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -367,6 +390,36 @@ def public_key_fingerprint(public_key: Ed25519PublicKey) -> str:
     """16 hex digits of SHA-256 over the raw public key; names the key in signed entries."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_key_text(public_key: Ed25519PublicKey) -> str:
+    """The raw 32-byte public key in base64: how an entry names its signer."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (binascii.Error, TypeError, ValueError):
+        raise LedgerSignatureError(f"{text!r} is not a base64 Ed25519 public key.") from None
+
+
+def record_digest(record: Mapping[str, Any] | LedgerEntry) -> str:
+    """SHA-256 over a ledger line's canonical JSON (the signed record as written): what the chain links."""
+    if isinstance(record, LedgerEntry):
+        return hashlib.sha256(record.canonical_json()).hexdigest()
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def entry_of(record: Mapping[str, Any] | LedgerEntry) -> LedgerEntry:
+    """The entry of a ledger line (a signed record or a plain entry dict)."""
+    return _parse_record(record)[0]
+
+
+def entry_dicts(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The entry dicts of ledger lines, signed or not (what a report or a benchmark reads)."""
+    return [entry_of(record).to_dict() for record in records]
 
 
 def save_signing_key(private_key: Ed25519PrivateKey, path: str | Path) -> None:
@@ -432,14 +485,20 @@ def _check_signed_shape(signed: object) -> Mapping[str, Any]:
     return signed
 
 
-def verify_entry(signed: Mapping[str, Any], public_key: Ed25519PublicKey) -> LedgerEntry:
+def verify_entry(signed: Mapping[str, Any], public_key: Ed25519PublicKey | None = None) -> LedgerEntry:
     """The entry of a signed dict, once its signature verifies with `public_key`.
 
+    Without `public_key`, the key the entry names as its `signer` (that only shows the entry
+    was not changed since its signer signed it; who the signer is needs a registered key).
     Raises LedgerSignatureError when any signed byte changed or another key signed it.
     """
     signed = _check_signed_shape(signed)
     body = signed["entry"]
     where = f"The ledger entry for node {body.get('node')!r}, round {body.get('round')!r}"
+    if public_key is None:
+        if not body.get("signer"):
+            raise LedgerSignatureError(f"{where} names no signer key, so its signature cannot be checked.")
+        public_key = public_key_from_text(body["signer"])
     expected_id = public_key_fingerprint(public_key)
     if signed["key_id"] != expected_id:
         raise LedgerSignatureError(f"{where} was signed by key {signed['key_id']!r}, not by key {expected_id!r}.")
@@ -473,6 +532,13 @@ def signed_from_config_record(record: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"The ledger record is not signed: it has no {', '.join(repr(m) for m in missing)} field.")
     signature = {name: data.pop(name) for name in ("signature", "key_id", "algorithm")}
     return {"entry": LedgerEntry.from_dict(_unflat_record(data)).to_dict(), **signature}
+
+
+def ledger_line_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ledger line of a reply's "ledger" ConfigRecord: the signed dict, or a plain entry dict."""
+    if "signature" in record:
+        return signed_from_config_record(record)
+    return LedgerEntry.from_config_record(record).to_dict()
 
 
 def _parse_record(record: object) -> tuple[LedgerEntry, bool]:
@@ -732,8 +798,8 @@ def _epsilon_problems(entry: LedgerEntry, previous: tuple[int, LedgerEntry] | No
             "the accountant was reset or changed, or a round is missing from the ledger."
         )
     if entry.is_test_only:
-        problems.append(f"its DP randomness was {entry.randomness}: the noise can be regenerated, so this "
-                        "release is not private.")  # fmt: skip
+        hooks = ", ".join([*entry.hooks, *([entry.randomness] if entry.randomness.startswith("TEST-ONLY") else [])])
+        problems.append(f"a test-only hook was active ({hooks}): this release is not private.")
     return problems
 
 
@@ -801,14 +867,20 @@ def plot_epsilon(entries: Iterable[Mapping[str, Any] | LedgerEntry], out_path: s
 
 def epsilon_table(entries: Iterable[Mapping[str, Any] | LedgerEntry]) -> str:
     """Final ε per node: node, unit, rounds trained, ε, δ and status of its last round."""
+    entries = list(entries)
     by_node = _latest_per_round(entries)
     if not by_node:
         return "The privacy ledger has no entries, so there is nothing to list."
     headers = ["node", "unit", "rounds trained", "epsilon", "delta", "status"]
+    trained_rounds: dict[str, set[int]] = {}
+    for record in entries:  # every line: a round's evaluation entry must not hide its training one
+        entry = _parse_record(record)[0]
+        if entry.status == "trained":
+            trained_rounds.setdefault(entry.node, set()).add(entry.round)
     rows = []
     for node in sorted(by_node):
         rounds = by_node[node]
         last = rounds[max(rounds)]
-        trained = sum(1 for entry in rounds.values() if entry.status == "trained")
+        trained = len(trained_rounds.get(node, ()))
         rows.append([node, last.unit, str(trained), f"{last.epsilon_after:.4f}", f"{last.delta:.3g}", last.status])
     return render_table(headers, rows, "Privacy spent per node (ε after its last round, at its δ)")

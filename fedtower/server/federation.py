@@ -19,7 +19,15 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedtower.client.local import build_model, cached_dataset
 from fedtower.config import RunSettings
-from fedtower.privacy.ledger import LedgerEntry, LedgerMonitor, ServerLedger, epsilon_table, plot_epsilon
+from fedtower.privacy.ledger import (
+    LedgerMonitor,
+    ServerLedger,
+    entry_dicts,
+    entry_of,
+    epsilon_table,
+    ledger_line_of,
+    plot_epsilon,
+)
 from fedtower.server.report import plot_metrics, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.client_dp import (
@@ -152,10 +160,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     def on_ledger(current: int, node_id: int, record) -> str | None:
         """Keep the entry; refuse the reply of a node whose privacy history went back."""
         try:
-            entry = LedgerEntry.from_config_record(record)
+            line = ledger_line_of(record)
+            entry = entry_of(line)
         except ValueError as err:
             return f"its ledger entry is unreadable: {err}"
-        ledger.append(entry.to_dict())  # the node released it: it belongs in the ledger either way
+        ledger.append(line)  # as it arrived (signed): the node released it, so it belongs in the ledger
         problem = monitor.problem(node_id, entry)
         if problem is not None:
             return problem
@@ -209,4 +218,4 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     run_dir.write_summary(table)
     log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
     return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected,
-            "ledger": entries, "exhausted": sorted(strategy.exhausted)}  # fmt: skip
+            "ledger": entry_dicts(entries), "exhausted": sorted(strategy.exhausted)}  # fmt: skip
