@@ -12,7 +12,7 @@ import pytest
 
 from fedtower.client.state import ClientStateStore
 from fedtower.privacy.accounting import independent_epsilon
-from fedtower.privacy.ledger import ServerLedger
+from fedtower.privacy.ledger import ServerLedger, entry_dicts
 from fedtower.server.run_dir import RunDirectory
 from tests.deployment_utils import planned_epsilons, prepare_sites, run_to_completion
 
@@ -123,7 +123,7 @@ def test_user_level_dp_deployment_caps_one_site_and_keeps_a_verifiable_ledger(tm
 
     # Assert: the server's privacy ledger, which must be exactly what each site logged itself.
     ledger = ServerLedger(run.path)
-    entries = ledger.entries()
+    entries = entry_dicts(ledger.entries())
     audit = ledger.verify_all()  # ε recomputed independently, each node's history chained round to round
     assert audit.ok, audit.summary()
     by_node: dict[str, list[dict]] = {}
@@ -133,7 +133,7 @@ def test_user_level_dp_deployment_caps_one_site_and_keeps_a_verifiable_ledger(tm
     site_entries = []
     for site in sites:
         assert (site.state_dir / "ledger.jsonl").is_file()
-        local = ClientStateStore(site.state_dir, create=False).read_ledger()
+        local = entry_dicts(ClientStateStore(site.state_dir, create=False).read_ledger())
         assert local and len({entry["node"] for entry in local}) == 1, local
         assert by_node[local[0]["node"]] == local  # the server's copy, field for field
         site_entries.append(local)

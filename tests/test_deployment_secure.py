@@ -29,7 +29,8 @@ from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
 from fedtower.client.state import ClientStateStore
 from fedtower.privacy.accounting import independent_epsilon
-from fedtower.privacy.ledger import ServerLedger, pseudonymous_node_id
+from fedtower.privacy.audit import audit_records
+from fedtower.privacy.ledger import ServerLedger, entry_dicts, pseudonymous_node_id
 from fedtower.server.run_dir import RunDirectory
 from tests.deployment_utils import (
     REPO_ROOT,
@@ -214,8 +215,13 @@ def test_three_authenticated_sites_over_tls_train_under_dp_and_keep_a_verifiable
     ledger = ServerLedger(run.path)
     audit = ledger.verify_all()
     assert audit.ok, audit.summary()
-    by_node = ledger_by_node(ledger.entries())
-    local = [ClientStateStore(site.state_dir, create=False).read_ledger() for site in sites]
+    # The auditor's check: every line signed and chained, every epsilon recomputed by dp-accounting, and
+    # the server's lines exactly the sites' own.
+    own = {str(site.state_dir): ClientStateStore(site.state_dir, create=False).read_ledger() for site in sites}
+    report = audit_records(ledger.entries(), site_ledgers=own)
+    assert report.ok, report.summary()
+    by_node = ledger_by_node(entry_dicts(ledger.entries()))
+    local = [entry_dicts(ClientStateStore(site.state_dir, create=False).read_ledger()) for site in sites]
     pseudonyms = [entries[0]["node"] for entries in local]  # each node's own secret pseudonym for the run
     assert sorted(by_node) == sorted(pseudonyms)
     for index in range(3):  # not the public-key HMAC of the node id that anyone could compute
@@ -366,7 +372,7 @@ def test_supernode_killed_mid_round_rejoins_with_its_state_and_epsilon(tmp_path)
         killed = deployment.kill(victim)
         after_kill = ClientStateStore(sites[1].state_dir, create=False)
         version_after_kill = after_kill.verify()  # every component against its checksum
-        ledger_after_kill = after_kill.read_ledger()
+        ledger_after_kill = entry_dicts(after_kill.read_ledger())
         accountant_after_kill = after_kill.load("accountant")
         # Restart it (same key, same node config) once the SuperLink has noticed it is gone.
         deployment.wait_for_node_status(victim, "offline", OFFLINE_TIMEOUT_S, poll=2.0)
@@ -391,7 +397,7 @@ def test_supernode_killed_mid_round_rejoins_with_its_state_and_epsilon(tmp_path)
     # starts at the ε round 1 reached and ends where the planner puts a second DP round.
     store = ClientStateStore(sites[1].state_dir, create=False)
     assert store.verify() > version_after_kill
-    local = store.read_ledger()
+    local = entry_dicts(store.read_ledger())
     assert [(e["round"], e["status"]) for e in local] == [(1, "trained"), (3, "trained")]
     assert local[0] == ledger_after_kill[0]
     assert isclose(local[1]["epsilon_before"], epsilon_before_crash)
@@ -406,9 +412,9 @@ def test_supernode_killed_mid_round_rejoins_with_its_state_and_epsilon(tmp_path)
     ledger = ServerLedger(run_dir.path)
     audit = ledger.verify_all()
     assert audit.ok, audit.summary()
-    by_node = ledger_by_node(ledger.entries())
+    by_node = ledger_by_node(entry_dicts(ledger.entries()))
     assert by_node[local[0]["node"]] == local
-    survivor = by_node[ClientStateStore(sites[0].state_dir, create=False).read_ledger()[0]["node"]]
+    survivor = by_node[entry_dicts(ClientStateStore(sites[0].state_dir, create=False).read_ledger())[0]["node"]]
     assert [(e["round"], e["status"]) for e in survivor] == [(r, "trained") for r in range(1, rounds + 1)]
 
 
@@ -467,7 +473,7 @@ def test_superlink_killed_mid_round_restarts_and_the_run_resumes_after_the_last_
         store.verify()
         meta = store.load("meta")
         assert meta["received"]["2"] == round_one_digest != meta["received"]["1"]
-        entries = store.read_ledger()
+        entries = entry_dicts(store.read_ledger())
         assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained"), (2, "trained")]
         assert all(map(isclose, [e["epsilon_after"] for e in entries], planned[index])), (entries, planned)
         for previous, entry in zip(entries, entries[1:]):
@@ -478,7 +484,7 @@ def test_superlink_killed_mid_round_restarts_and_the_run_resumes_after_the_last_
     # The server's ledger has rounds 1 (first run) and 2 (resumed run) per node, as the nodes logged them;
     # its audit flags, for each node, that round 2's history skips a round: the one lost with the SuperLink.
     ledger = ServerLedger(run_dir.path)
-    by_node = ledger_by_node(ledger.entries())
+    by_node = ledger_by_node(entry_dicts(ledger.entries()))
     pseudonyms = [entries[0]["node"] for entries in local]  # the same secret pseudonym in both runs
     assert sorted(by_node) == sorted(pseudonyms)
     for pseudonym, entries in zip(pseudonyms, local, strict=True):

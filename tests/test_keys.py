@@ -201,7 +201,11 @@ def test_cli_writes_everything_and_says_what_to_send_to_whom(tmp_path):
     assert (ca.exit_code, server.exit_code, node.exit_code) == (0, 0, 0), ca.output + server.output + node.output
     assert "Send only" in ca.output and "ca.crt" in ca.output
     assert "--enable-supernode-auth" in server.output and "127.0.0.1, coord.example.org" in server.output
-    assert "Send only" in node.output and "site-a.pub" in node.output and "flwr supernode register" in node.output
+    assert "Send " in node.output
+    assert "site-a.pub" in node.output and "flwr supernode register" in node.output
+    # ...and the ledger signing pair, private 0600, with the node config that uses it.
+    assert "site-a.ledger.pub" in node.output and "ledger-key=" in node.output
+    assert oct((tmp_path / "site" / "site-a.ledger.key").stat().st_mode & 0o777) == "0o600"
     sans = load_cert(tmp_path / "server" / "server.crt").extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value  # fmt: skip
     assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org"]
