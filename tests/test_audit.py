@@ -263,11 +263,12 @@ def test_canaries_are_one_privacy_unit_each():
 def test_the_empirical_audit_passes_an_honest_run_and_catches_broken_ones(tmp_path):
     from fedtower.simulations.audit_run import AuditConfig, run_audit
 
-    honest_run = run_audit(AuditConfig(unit="user", target_epsilon=4.0), tmp_path / "honest")
+    for epsilon in (1.0, 4.0, 8.0):
+        honest_run = run_audit(AuditConfig(unit="user", target_epsilon=epsilon), tmp_path / f"honest-{epsilon:g}")
+        assert honest_run.lower_bound <= honest_run.claimed_epsilon <= epsilon * (1 + 1e-6), honest_run.to_dict()
+        assert honest_run.hooks == []
     noisy = run_audit(AuditConfig(unit="user", target_epsilon=1.0, noise_scale=0.1), tmp_path / "noise")
     unclipped = run_audit(AuditConfig(unit="interaction", target_epsilon=1.0, no_clipping=True), tmp_path / "clip")
-    assert honest_run.lower_bound <= honest_run.claimed_epsilon
-    assert honest_run.hooks == []
     for broken in (noisy, unclipped):
         assert broken.lower_bound > broken.claimed_epsilon, broken.to_dict()
         assert broken.hooks  # and the ledger says so
