@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-
-@contextlib.contextmanager
-def task_identity(run_id: int = 1, node_id: int = 1):
-    """Flower stamps messages with the current task's identity; a test process has none."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, node_id
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+from fedtower.simulations.in_process import task_identity  # noqa: F401 (the tests' import)
 
 
 def server_message(arrays: ArrayRecord, *, node_id: int, message_type: str = "train",

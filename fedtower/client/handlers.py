@@ -278,12 +278,9 @@ class _PrivateRound:
         self.node_name = _pseudonym(self.meta, context.node_id, settings.run_name)
         self.cap = budget_cap(settings, node)
         self.signer = LedgerSigner.for_node(node, state)
-
-    @property
-    def blind(self) -> bool:
-        """The run's DP count is due but does not fit in the budget: nothing may reveal it (or what
-        depends on it: the sampling rate, the default delta), and nothing is charged."""
-        return bool(self.count) and self.accountant.epsilon_with(
+        # The run's DP count is due but does not fit in the budget: nothing may reveal it (or what
+        # depends on it: the sampling rate, the default delta), and nothing is charged.
+        self.blind = bool(self.count) and self.accountant.epsilon_with(
             self.count, delta=self.calibration.delta) > self.cap * (1 + EPSILON_SLACK)
 
     def entry(self, plan: ReleasePlan, *, status: str, added: list, mechanism: str = "none",

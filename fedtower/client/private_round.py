@@ -206,10 +206,7 @@ class ReleasePlan:
 
     calibration: Calibration
     added: list[HistoryEntry]  # charged when the release goes ahead: the DP count (if any), then its own
-    count: list[HistoryEntry]  # the DP count of the run, charged even when the release is refused
-    epsilon_before: float
     epsilon_after: float  # if it goes ahead
-    epsilon_count: float  # after the count alone
     cap: float  # math.inf when uncapped
     steps: int  # DP-SGD steps (0 for an evaluation)
     own: HistoryEntry  # (noise_multiplier, sample_rate, steps) of the release itself
@@ -218,31 +215,14 @@ class ReleasePlan:
     def exhausted(self) -> bool:
         return self.epsilon_after > self.cap * (1 + EPSILON_SLACK)
 
-    @property
-    def count_fits(self) -> bool:
-        return self.epsilon_count <= self.cap * (1 + EPSILON_SLACK)
-
-    # The fields a ledger entry takes from its plan.
-    @property
-    def unit(self) -> str:
-        return self.calibration.unit
-
-    @property
-    def delta(self) -> float:
-        return self.calibration.delta
-
 
 def plan_release(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
                  own: HistoryEntry, cap: float, *, steps: int) -> ReleasePlan:  # fmt: skip
     """What a release of `own` (after the run's DP count, if it is still to be charged) will cost."""
-    delta = calibration.delta
     return ReleasePlan(
         calibration=calibration,
         added=[*count, own],
-        count=count,
-        epsilon_before=accountant.epsilon(delta=delta),
-        epsilon_after=accountant.epsilon_with([*count, own], delta=delta),
-        epsilon_count=accountant.epsilon_with(count, delta=delta),
+        epsilon_after=accountant.epsilon_with([*count, own], delta=calibration.delta),
         cap=cap,
         steps=steps,
         own=own,

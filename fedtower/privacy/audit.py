@@ -39,7 +39,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedtower.privacy.accounting import DEFAULT_ORDERS, checked_history, independent_epsilon
+from fedtower.privacy.accounting import DEFAULT_ORDERS, checked_history, history_without, independent_epsilon
 from fedtower.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
@@ -50,7 +50,6 @@ from fedtower.privacy.ledger import (
     history_extends,
     load_public_key,
     public_key_fingerprint,
-    public_key_from_text,
     record_digest,
     verify_entry,
 )
@@ -289,8 +288,6 @@ def audit_records(
 
 
 def _before(entry: LedgerEntry) -> list | None:
-    from fedtower.privacy.accounting import history_without
-
     return history_without(entry.history, entry.charged)
 
 
@@ -303,10 +300,7 @@ def _check_signature(record, entry, signed, registry, node_keys, add) -> str | N
     except ValueError as err:
         add(str(err), entry)
         return None
-    signer = public_key_from_text(entry.signer)
-    if record["key_id"] != public_key_fingerprint(signer):
-        add(f"its key_id {record['key_id']} is not the fingerprint of the key it names.", entry)
-    key_id = record["key_id"]
+    key_id = record["key_id"]  # verify_entry checked it is the fingerprint of the key the entry names
     site = registry.site_of(key_id) if registry is not None else None
     if registry is not None and site is None:
         add(f"it is signed by key {key_id}, which is not registered.", entry)

@@ -12,7 +12,6 @@ epsilon stays what an honest run would claim.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtower.client.handlers import train_on_node
 from fedtower.client.local import cached_dataset
@@ -29,6 +27,7 @@ from fedtower.data.synthetic import SyntheticConfig, generate, to_folder
 from fedtower.privacy.empirical_audit import add_canaries, bias_scores, guess_and_bound
 from fedtower.privacy.ledger import LedgerEntry
 from fedtower.server.federation import initial_item_tower
+from fedtower.simulations.in_process import task_identity
 
 
 @dataclass
@@ -84,17 +83,6 @@ class AuditResult:
         return out
 
 
-@contextlib.contextmanager
-def _task_identity(node_id: int):
-    """Flower stamps messages with the running task's identity; an in-process run has none."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, node_id
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 def run_audit(config: AuditConfig, workdir: str | Path | None = None) -> AuditResult:
     """Train one DP site with canaries for `config.rounds` rounds, then bound epsilon from its towers."""
     started = time.perf_counter()
@@ -125,7 +113,7 @@ def run_audit(config: AuditConfig, workdir: str | Path | None = None) -> AuditRe
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
     initial = initial_item_tower(settings)
     tower, ledger = initial, []
-    with _task_identity(7):
+    with task_identity(node_id=7):
         for server_round in range(1, config.rounds + 1):
             message = Message(content=RecordDict({"arrays": tower, "config": ConfigRecord(
                 {"server-round": server_round, "run-name": run_name})}), dst_node_id=7, message_type="train")
