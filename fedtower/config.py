@@ -100,6 +100,14 @@ class RunSettings:
     # DP steps draw their shared negatives from the first N catalogue rows only (0: all of them). Public
     # and data-independent; the empirical audit keeps its canary items (the last rows) out of the pool.
     dp_negative_items: int = 0
+    # Secure aggregation with federation-wide DP (user unit): every round is one DP step over the whole
+    # federation. Sites Poisson-sample users at rate dp-batch-size / dp-federation-users, quantize each
+    # user's clipped item-tower gradient, add their share of Skellam noise, and the coordinator learns only
+    # the masked sum of at least secagg-threshold sites (0: a majority of the round's sites).
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_scale: int = 4096  # integer units per max-grad-norm: the L2 bound of a quantized user update
+    dp_federation_users: int = 0  # the public number of users in the whole federation (required)
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
     client_dp_noise: float = 1.0
@@ -159,6 +167,26 @@ class RunSettings:
             raise ValueError(f"size-skew must be non-negative, got {self.size_skew}.")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}.")
+        if self.secagg_threshold < 0 or self.dp_federation_users < 0:
+            raise ValueError("secagg-threshold and dp-federation-users must be 0 (unset) or positive.")
+        if not 16 <= self.secagg_scale <= 2**20:
+            raise ValueError(f"secagg-scale must be between 16 and 2^20 integer units, got {self.secagg_scale}.")
+        if self.secure_aggregation:
+            if self.client_dp != "off":
+                raise ValueError("secure-aggregation and client-dp are two different DP modes; choose one.")
+            if self.privacy_unit != "user":
+                raise ValueError("secure-aggregation runs user-level DP only: set privacy-unit = \"user\".")
+            if self.dp_embedding_path != "sparse":
+                raise ValueError("secure-aggregation computes per-user updates on the sparse path: "
+                                 "set dp-embedding-path = \"sparse\".")  # fmt: skip
+            if not self.dp_enabled:
+                raise ValueError("secure-aggregation runs federation-wide DP: give noise-multiplier or target-epsilon.")
+            if self.dp_federation_users < 1:
+                raise ValueError("secure-aggregation needs dp-federation-users, the public number of users in the "
+                                 "whole federation (the sampling rate is dp-batch-size / dp-federation-users).")  # fmt: skip
+            if self.fraction_train != 1.0:
+                raise ValueError("secure-aggregation needs fraction-train = 1.0: users are sampled inside the "
+                                 "sites, at a rate accounted over the whole federation.")  # fmt: skip
         if self.client_num_gpus < 0 or self.client_num_cpus <= 0:
             raise ValueError("client-num-cpus must be positive and client-num-gpus non-negative.")
 

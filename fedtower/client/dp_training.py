@@ -50,6 +50,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from fedtower.config import check_embedding_path
 from fedtower.data.prepared import UserHistories
 from fedtower.models.two_tower import PAD, TwoTower, drop_history, pad_histories
+from fedtower.privacy.quantization import quantize_and_sum
 from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors, per_sample_row_grads
 
@@ -370,6 +371,66 @@ class DPTrainer:
                 summed = torch.einsum("i,i...->...", clip, p.grad_sample)
             p.grad = (summed + noise_std * z.view_as(p).to(p.dtype)) / expected_batch
             p.grad_sample = None
+
+    def integer_user_sum(self, histories: UserHistories, *, keys: list[str], l2_bound: int) -> tuple[torch.Tensor, int]:
+        """One federation-wide DP step's share from this site, before noise: the sum over its Poisson-sampled
+        users of each user's clipped item-tower gradient, quantized to integers with L2 norm <= `l2_bound`
+        (`fedtower.privacy.quantization`), as one int64 vector over the parameters `keys`, in that order.
+
+        Sampled users' own embeddings take their private step here, as in `step`. Returns (vector, batch);
+        the batch size is private (never released)."""
+        cfg = self.config
+        params = dict(self.model.named_parameters())
+        offsets, length = {}, 0
+        for key in keys:
+            offsets[key], length = length, length + params[key].numel()
+        population = np.flatnonzero(histories.lengths() > 0)
+        rows = population[self.sampler.poisson_sample(len(population), cfg.sample_rate)]
+        self.step_index += 1
+        self.model.train()
+        self.zero_grads()
+        batch = len(rows)
+        if batch == 0:
+            return torch.zeros(length, dtype=torch.long), 0
+        loss, free = self._user_loss(histories, rows)
+        loss.backward()
+        if free is not None and free.grad is not None:
+            self._update_users(rows, free.grad)
+        per_table = [table.batch_reads() for table in self.tables]
+        squared = torch.zeros(batch)
+        for table, reads in zip(self.tables, per_table):
+            if reads is not None:
+                squared += table.squared_norms(reads).cpu()
+        for p in self.dense_params:
+            if p.grad_sample is not None:
+                squared += p.grad_sample.reshape(batch, -1).pow(2).sum(1).cpu()
+        # Clipped to max-grad-norm, then scaled so that the clipping norm is l2_bound integer units.
+        factor = clip_factors(squared, cfg.max_grad_norm).double() * (l2_bound / cfg.max_grad_norm)  # B
+        name_of = {id(p): name for name, p in params.items()}
+        pieces = []
+        for table, reads in zip(self.tables, per_table):
+            table.reads = [[] for _ in table.embeddings]
+            if reads is None:
+                continue
+            ids, grads_per_table = reads
+            for weight, grads in zip(table.weights, grads_per_table):
+                users, table_rows, row_grads = per_sample_row_grads(ids.cpu(), grads.detach().cpu(), table.num_rows)
+                dim = weight.shape[1]
+                coords = offsets[name_of[id(weight)]] + table_rows.unsqueeze(1) * dim + torch.arange(dim)  # K x d
+                pieces.append((users.repeat_interleave(dim), coords.reshape(-1),
+                               (row_grads.double() * factor[users].unsqueeze(1)).reshape(-1)))  # fmt: skip
+        for p in self.dense_params:
+            if p.grad_sample is None:
+                continue
+            size = p.numel()
+            grads = p.grad_sample.detach().cpu().reshape(batch, size).double() * factor.unsqueeze(1)
+            pieces.append((torch.arange(batch).repeat_interleave(size),
+                           offsets[name_of[id(p)]] + torch.arange(size).repeat(batch), grads.reshape(-1)))  # fmt: skip
+            p.grad_sample = None
+        users, coords, values = (torch.cat(part) for part in zip(*pieces))
+        uniforms = torch.from_numpy(self.randomness.uniform(len(values)))
+        total = quantize_and_sum(users, coords, values, uniforms, batch=batch, length=length, l2_bound=l2_bound)
+        return total, batch
 
     def _inspect_sparse(self, batch: int, per_table: list, clip: torch.Tensor, squared: torch.Tensor) -> None:
         """Dense per-sample gradients in `dp_names` order (test and audit only: O(B x table))."""

@@ -33,6 +33,7 @@ from fedtower.client.local import (
 from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import (
     EPSILON_SLACK,
+    PrivacyRefusal,
     ReleasePlan,
     budget_cap,
     calibrate,
@@ -42,6 +43,7 @@ from fedtower.client.private_round import (
     train_private_round,
 )
 from fedtower.client.rollback import SEQUENCE_KEY, RollbackCounter
+from fedtower.client.secure_round import secure_train
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.metrics import RankingSums
@@ -153,6 +155,14 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     settings = settings_of(message, context, run_config)
     node = _node(context)
     refuse_unbounded_training(settings, node)
+    if settings.secure_aggregation:
+        return secure_train(message, context, settings, node, open_state(settings, node))
+    if node.require_secure_aggregation:
+        raise PrivacyRefusal(
+            "This site requires secure aggregation (node config require-secure-aggregation = true), but the run "
+            "sends each site's update in the clear: refusing to train. Ask the coordinator for a run with "
+            "secure-aggregation = true."
+        )
     config: ConfigRecord = message.content["config"]
     server_round = int(config.get("server-round", 0))
     state = open_state(settings, node)
@@ -263,7 +273,8 @@ class _PrivateRound:
     """
 
     def __init__(self, settings: RunSettings, node: NodeSettings, state: ClientStateStore, data: NodeData,
-                 context: Context, server_round: int, meta: dict | None = None):  # fmt: skip
+                 context: Context, server_round: int, meta: dict | None = None, *,
+                 vector_length: int = 0):  # fmt: skip
         self.settings, self.node, self.state, self.data = settings, node, state, data
         self.server_round = server_round
         self.counter = RollbackCounter(node.counter_path, state.state_dir)
@@ -272,7 +283,8 @@ class _PrivateRound:
         self.randomness = dp_randomness(node, server_round)
         saved_calibration = state.load("calibration", default=None)
         self.calibration, self.count = calibrate(settings, node, data.split.train, self.accountant,
-                                                 saved_calibration, self.randomness)  # fmt: skip
+                                                 saved_calibration, self.randomness,
+                                                 vector_length=vector_length)  # fmt: skip
         self.previous_delta = (saved_calibration or {}).get("delta")
         self.meta = dict(meta if meta is not None else state.load("meta", default={}) or {})
         self.node_name = _pseudonym(self.meta, context.node_id, settings.run_name)
@@ -284,9 +296,10 @@ class _PrivateRound:
             self.count, delta=self.calibration.delta) > self.cap * (1 + EPSILON_SLACK)
 
     def entry(self, plan: ReleasePlan, *, status: str, added: list, mechanism: str = "none",
-              max_grad_norm: float | None = None) -> LedgerEntry:  # fmt: skip
+              max_grad_norm: float | None = None, trust: str = "") -> LedgerEntry:  # fmt: skip
         calibration, accountant = self.calibration, self.accountant
-        noise, rate, _ = plan.own
+        own = plan.own
+        noise, rate = (own[1], own[2]) if isinstance(own[0], str) else (own[0], own[1])  # tagged: ["skellam", z, q, ...]
         delta, population, source = calibration.delta, calibration.population, calibration.population_source
         if self.blind:
             # Placeholders that say nothing about this run's count: an earlier run's public delta (or, for a
@@ -318,6 +331,7 @@ class _PrivateRound:
             randomness=self.randomness.source,
             raw_evaluation=self.node.allow_raw_evaluation,
             hooks=self.node.hooks,
+            **({"trust": trust} if trust else {}),
         )
 
     def pending_count(self) -> list:
@@ -434,12 +448,14 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
                 "client-level DP protects the update, not a per-client evaluation; set allow-raw-evaluation in "
                 "the node config to release exact sums"), reply_to=message)  # fmt: skip
         server_round = int(message.content["config"].get("server-round", 0))
-        content = _evaluate_private(settings, node, state, data, context, server_round, sums)
+        length = sum(v.numel() for v in model.item_tower_state().values())
+        content = _evaluate_private(settings, node, state, data, context, server_round, sums, length)
         return Message(content=content, reply_to=message)
 
 
-def _evaluate_private(settings, node, state, data, context, server_round, sums: RankingSums) -> RecordDict:
-    round_ = _PrivateRound(settings, node, state, data, context, server_round)
+def _evaluate_private(settings, node, state, data, context, server_round, sums: RankingSums,
+                      vector_length: int = 0) -> RecordDict:  # fmt: skip
+    round_ = _PrivateRound(settings, node, state, data, context, server_round, vector_length=vector_length)
     plan = plan_evaluation(round_.calibration, round_.accountant, round_.count, round_.cap)
     if node.allow_raw_evaluation:
         log.warning("Node %s releases exact evaluation sums in a DP run (node config allow-raw-evaluation).",

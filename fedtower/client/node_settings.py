@@ -46,6 +46,10 @@ class NodeSettings:
     # Opt-ins: each releases or stores something DP alone would not allow. Off by default.
     allow_raw_evaluation: bool = False  # send exact evaluation sums in DP runs (recorded in the ledger)
     allow_plaintext_state: bool = False  # a deployed node without a state key
+    # Secure aggregation (federation-wide DP): the site may insist on it, and on how many sites every
+    # unmasked sum must hold (its noise share, and the trust it places in the other sites, depend on it).
+    require_secure_aggregation: bool = False  # refuse DP rounds whose update would leave unmasked
+    min_secagg_threshold: int = 2  # refuse a secure round whose threshold t is below this
     # Rollback protection and concurrency.
     rollback_counter: Path | None = None  # default: beside state-key-file, when there is one
     train_lock_timeout: float = DEFAULT_TRAIN_LOCK_TIMEOUT  # seconds a round waits for another one
@@ -55,6 +59,11 @@ class NodeSettings:
     test_only_insecure_dp_seed: int | None = None  # reproducible DP noise
     test_only_noise_scale: float | None = None  # multiply the DP-SGD noise std by this
     test_only_no_clipping: bool = False  # leave per-sample gradients unclipped
+    # Secure-aggregation tests: exit this process (a site that vanishes mid-protocol) at stage N of each
+    # secure round (1 setup, 2 share-keys, 3 masked input, 4 unmask), before replying. Breaks no guarantee.
+    test_only_secagg_drop: int | None = None
+    # ... or hang there (after writing `secagg-stalled` in the state dir) until the process is killed.
+    test_only_secagg_stall: int | None = None
     raw: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -82,6 +91,12 @@ class NodeSettings:
                            ("dp-population-events", self.dp_population_events)):  # fmt: skip
             if value is not None and value < 1:
                 raise ValueError(f"Node config key {key!r} must be a positive integer, got {value}.")
+        if self.min_secagg_threshold < 2:
+            raise ValueError(f"Node config key 'min-secagg-threshold' must be at least 2, got {self.min_secagg_threshold}.")
+        for key, stage in (("test-only-secagg-drop", self.test_only_secagg_drop),
+                           ("test-only-secagg-stall", self.test_only_secagg_stall)):  # fmt: skip
+            if stage is not None and stage not in (1, 2, 3, 4):
+                raise ValueError(f"Node config key {key!r} must be a stage, 1 to 4, got {stage}.")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -119,10 +134,11 @@ class NodeSettings:
 
 _PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter", "ledger-key"}
 _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population-events",
-         "test-only-insecure-dp-seed"}  # fmt: skip
+         "test-only-insecure-dp-seed", "min-secagg-threshold", "test-only-secagg-drop",
+         "test-only-secagg-stall"}  # fmt: skip
 _POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
-_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping"}
+_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation"}
 
 
 def _parse(key: str, value: object) -> object:

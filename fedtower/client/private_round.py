@@ -35,7 +35,9 @@ from fedtower.config import RunSettings
 from fedtower.data.prepared import UserHistories
 from fedtower.models.two_tower import TwoTower
 from fedtower.privacy.accounting import ClientAccountant, HistoryEntry, compose, noise_multiplier_for
+from fedtower.privacy.quantization import l1_bound
 from fedtower.privacy.secure_random import DPRandom
+from fedtower.privacy.skellam import skellam_noise_multiplier_for
 
 log = logging.getLogger("fedtower.client")
 
@@ -64,6 +66,15 @@ class Calibration:
     eval_noise_multiplier: float
     planned_evaluations: int
     format: int = CALIBRATION_FORMAT
+    # "gaussian": this site's own DP-SGD (per-site DP); "skellam": one federation-wide step per round under
+    # secure aggregation, whose integer updates have these L2 / L1 bounds (integer units).
+    mechanism: str = "gaussian"
+    l2_units: int = 0
+    l1_units: float = 0.0
+
+    @property
+    def secure(self) -> bool:
+        return self.mechanism == "skellam"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +132,8 @@ def calibrate(
     accountant: ClientAccountant,
     saved: dict | None,
     randomness: DPRandom,
+    *,
+    vector_length: int = 0,
 ) -> tuple[Calibration, list[HistoryEntry]]:
     """This run's calibration, and the DP count it must charge now ([] when it has none to release).
 
@@ -133,15 +146,23 @@ def calibrate(
         raise ValueError(f"This node has no DP samples at the {unit} level, so it cannot train.")
     calibration = Calibration.from_dict(saved)
     count: list[HistoryEntry] = []
+    if calibration is not None and calibration.secure != settings.secure_aggregation:
+        calibration = None
     if calibration is None or calibration.run != settings.run_name or calibration.unit != unit:
         population, source = node.declared_population(unit), "declared"
-        if population is None:
+        if settings.secure_aggregation:
+            # One sampling rate for the whole federation: its public size, declared in the run config. A
+            # wrong number changes the rate every site samples and charges, not the guarantee.
+            population, source = settings.dp_federation_users, "federation-declared"
+            calibration = _new_secure_calibration(settings, node, population, vector_length)
+        elif population is None:
             # A DP count of the site's privacy units: sensitivity 1, so noise multiplier = its std. Shifted
             # up by two stds (post-processing), so that the default delta 1 / (10 N) stays below 1/n.
             noise = node.dp_count_noise * float(randomness.standard_normal(1, dtype=torch.float64)[0])
             population, source = max(1, round(num_samples + noise + COUNT_SHIFT * node.dp_count_noise)), "dp-count"
             count = [(node.dp_count_noise, 1.0, 1)]
-        calibration = _new_calibration(settings, node, accountant, population, source, count)
+        if calibration is None:
+            calibration = _new_calibration(settings, node, accountant, population, source, count)
     check_site_limits(calibration, settings, node, num_samples)
     return calibration, count
 
@@ -165,6 +186,37 @@ def _new_calibration(settings, node, accountant, population, source, count) -> C
                        population_source=source, sample_rate=sample_rate, steps_per_round=steps,
                        batch_divisor=max(1.0, sample_rate * population), delta=delta, noise_multiplier=noise,
                        eval_noise_multiplier=eval_noise, planned_evaluations=evaluations)  # fmt: skip
+
+
+def _new_secure_calibration(settings, node, population, vector_length) -> Calibration:
+    """The federation-wide plan: every site computes the same numbers from the run config alone (their noise
+    shares must add up), so nothing site-specific (its earlier spending, a DP count) enters the noise."""
+    if vector_length < 1:
+        raise ValueError("A secure-aggregation calibration needs the length of the item-tower vector.")
+    sample_rate = min(1.0, settings.dp_batch_size / population)
+    delta = settings.target_delta or min(default_delta(population), node.max_delta or 1.0)
+    l2 = settings.secagg_scale
+    l1 = l1_bound(l2, vector_length)
+    evaluations = planned_evaluations(settings, node)
+    eval_noise = settings.dp_eval_noise_multiplier
+    if settings.noise_multiplier > 0:
+        noise = settings.noise_multiplier
+    else:
+        fixed = [(eval_noise, 1.0, evaluations)] if evaluations else []
+        noise = skellam_noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=delta,
+                                             sample_rate=sample_rate, steps=settings.num_server_rounds,
+                                             l2_sensitivity=l2, l1_sensitivity=l1, fixed_history=fixed)  # fmt: skip
+    return Calibration(run=settings.run_name, unit=settings.privacy_unit, population=int(population),
+                       population_source="federation-declared", sample_rate=sample_rate, steps_per_round=1,
+                       batch_divisor=max(1.0, sample_rate * population), delta=delta, noise_multiplier=noise,
+                       eval_noise_multiplier=eval_noise, planned_evaluations=evaluations, mechanism="skellam",
+                       l2_units=l2, l1_units=l1)  # fmt: skip
+
+
+def skellam_entry(calibration: Calibration, steps: int = 1) -> list:
+    """The accountant's entry for `steps` federation-wide Skellam steps of this calibration."""
+    return ["skellam", calibration.noise_multiplier, calibration.sample_rate, steps, calibration.l2_units,
+            calibration.l1_units]  # fmt: skip
 
 
 def default_delta(population: int) -> float:
@@ -231,6 +283,8 @@ def plan_release(calibration: Calibration, accountant: ClientAccountant, count: 
 
 def plan_training(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
                   cap: float) -> ReleasePlan:  # fmt: skip
+    if calibration.secure:
+        return plan_release(calibration, accountant, count, skellam_entry(calibration), cap, steps=1)
     own = (calibration.noise_multiplier, calibration.sample_rate, calibration.steps_per_round)
     return plan_release(calibration, accountant, count, own, cap, steps=calibration.steps_per_round)
 

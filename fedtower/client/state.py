@@ -80,6 +80,7 @@ COMPONENT_KINDS: dict[str, str] = {
     "calibration": "json",  # the run's noise multiplier, fixed once per run
     "dp_optimizer": "torch",  # DP optimizer moments (post-processing of noisy gradients)
     "meta": "json",  # counters: rounds_trained, last_round, run_id, ...
+    "secagg": "json",  # this round's secure-aggregation secrets (keys, received shares), never sent
     "local_items": "json",  # items added to the served catalogue on this node (fedtower.serving.items)
 }
 

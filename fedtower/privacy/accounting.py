@@ -12,6 +12,15 @@ Talwar and Zhang 2019, "Rényi Differential Privacy of the Sampled Gaussian
 Mechanism", Section 3.3) over the same orders Opacus uses, and the RDP to
 (ε, δ) conversion of Balle et al. 2020 (Theorem 21). An auditor who trusts
 neither the client nor Opacus checks one against the other.
+
+A history may also hold entries of the distributed Skellam mechanism (secure
+aggregation; see `fedtower.privacy.skellam`), tagged so that triples keep their
+meaning: ["skellam", noise_multiplier, sample_rate, steps, l2_sensitivity,
+l1_sensitivity]. A history with any such entry is accounted for at integer RDP
+orders 2..256 (Gaussian entries by `rdp_of_sampled_gaussian`, Skellam entries by
+the subsampled Skellam bound), by the same code for the client and the auditor:
+Opacus and dp-accounting have no Skellam mechanism. A history of triples alone
+is accounted for exactly as before.
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ STATE_FORMAT = 1
 # written out here so that the independent accountant does not read them from Opacus.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
-HistoryEntry = tuple[float, float, int]
+SKELLAM = "skellam"  # the tag of a Skellam history entry
+
+GaussianEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+# ("skellam", noise_multiplier, sample_rate, steps, l2_sensitivity, l1_sensitivity)
+SkellamEntry = tuple[str, float, float, int, float, float]
+HistoryEntry = GaussianEntry | SkellamEntry
+
+_ENTRY_SHAPES = ('a [noise_multiplier, sample_rate, steps] triple or a ["skellam", noise_multiplier, '
+                 "sample_rate, steps, l2_sensitivity, l1_sensitivity] entry")  # fmt: skip
 
 # The fractional-order series stops at the first term (past i = α) below e^-30, as TF Privacy's does.
 _NEGLIGIBLE_LOG_TERM = -30.0
@@ -75,7 +92,8 @@ def check_delta(value: object, *, name: str = "delta") -> float:
 
 
 def checked_history(history: object, *, name: str = "history") -> list[HistoryEntry]:
-    """A copy of `history` as (noise_multiplier, sample_rate, steps) tuples, each checked.
+    """A copy of `history` as checked tuples: (noise_multiplier, sample_rate, steps) for a Gaussian entry,
+    ("skellam", noise_multiplier, sample_rate, steps, l2_sensitivity, l1_sensitivity) for a Skellam one.
 
     Raises ValueError naming the first bad entry and field, e.g. "history[2] (sample_rate) ...".
     """
@@ -86,8 +104,26 @@ def checked_history(history: object, *, name: str = "history") -> list[HistoryEn
     checked: list[HistoryEntry] = []
     for index, entry in enumerate(history):
         where = f"{name}[{index}]"
-        if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 3:
-            raise ValueError(f"{where} must be a [noise_multiplier, sample_rate, steps] triple; got {entry!r}.")
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence):
+            raise ValueError(f"{where} must be {_ENTRY_SHAPES}; got {entry!r}.")
+        if len(entry) > 0 and isinstance(entry[0], str):
+            if entry[0] != SKELLAM or len(entry) != 6:
+                raise ValueError(f"{where} is a tagged entry, which must be [\"skellam\", noise_multiplier, "
+                                 f"sample_rate, steps, l2_sensitivity, l1_sensitivity]; got {entry!r}.")  # fmt: skip
+            _, noise_multiplier, sample_rate, steps, l2_sensitivity, l1_sensitivity = entry
+            checked.append(
+                (
+                    SKELLAM,
+                    check_noise_multiplier(noise_multiplier, name=f"{where} (noise_multiplier)"),
+                    check_sample_rate(sample_rate, name=f"{where} (sample_rate)"),
+                    check_steps(steps, name=f"{where} (steps)"),
+                    check_noise_multiplier(l2_sensitivity, name=f"{where} (l2_sensitivity)"),
+                    check_noise_multiplier(l1_sensitivity, name=f"{where} (l1_sensitivity)"),
+                )
+            )
+            continue
+        if len(entry) != 3:
+            raise ValueError(f"{where} must be {_ENTRY_SHAPES}; got {entry!r}.")
         noise_multiplier, sample_rate, steps = entry
         checked.append(
             (
@@ -99,6 +135,44 @@ def checked_history(history: object, *, name: str = "history") -> list[HistoryEn
     return checked
 
 
+def skellam_entry(
+    *, noise_multiplier: float, sample_rate: float, steps: int, l2_sensitivity: float, l1_sensitivity: float
+) -> SkellamEntry:
+    """The checked history entry of `steps` steps of the Poisson-subsampled distributed Skellam mechanism."""
+    return checked_history([[SKELLAM, noise_multiplier, sample_rate, steps, l2_sensitivity, l1_sensitivity]],
+                           name="skellam entry")[0]  # fmt: skip
+
+
+def is_skellam_entry(entry: Sequence[Any]) -> bool:
+    """Whether a history entry is a tagged Skellam entry (else a Gaussian triple)."""
+    return len(entry) == 6 and isinstance(entry[0], str) and entry[0] == SKELLAM
+
+
+def entry_steps(entry: Sequence[Any]) -> int:
+    """The steps of a history entry, Gaussian or Skellam."""
+    return entry[3] if is_skellam_entry(entry) else entry[2]
+
+
+def entry_parameters(entry: Sequence[Any]) -> tuple:
+    """Everything of an entry but its steps: entries with equal parameters merge by adding steps."""
+    entry = tuple(entry)
+    return (entry[:3] + entry[4:]) if is_skellam_entry(entry) else entry[:2]
+
+
+def _with_steps(entry: Sequence[Any], steps: int) -> HistoryEntry:
+    entry = tuple(entry)
+    return (*entry[:3], steps, *entry[4:]) if is_skellam_entry(entry) else (entry[0], entry[1], steps)
+
+
+def _append(history: list, entry: Sequence[Any]) -> None:
+    """Append `entry` to `history` in place, merged into the last entry when its parameters match."""
+    entry = tuple(entry)
+    if history and entry_parameters(history[-1]) == entry_parameters(entry):
+        history[-1] = _with_steps(history[-1], entry_steps(history[-1]) + entry_steps(entry))
+    else:
+        history.append(entry)
+
+
 def add_steps(
     history: Iterable[HistoryEntry], *, noise_multiplier: float, sample_rate: float, steps: int
 ) -> list[HistoryEntry]:
@@ -108,32 +182,37 @@ def add_steps(
     history built here equals the one Opacus would have after the same steps.
     """
     merged = list(history)
-    if merged and merged[-1][:2] == (noise_multiplier, sample_rate):
-        merged[-1] = (noise_multiplier, sample_rate, merged[-1][2] + steps)
-    else:
-        merged.append((noise_multiplier, sample_rate, steps))
+    _append(merged, (noise_multiplier, sample_rate, steps))
     return merged
 
 
 def compose(history: Iterable[HistoryEntry], added: Iterable[Sequence[Any]]) -> list[HistoryEntry]:
-    """`history` followed by the `added` entries, merged as `add_steps` merges them."""
+    """`history` followed by the `added` entries (Gaussian or Skellam), merged as `add_steps` merges them:
+    an entry whose parameters (kind, noise multiplier, sample rate, and for Skellam the sensitivities)
+    equal the last one's adds its steps to it."""
     composed = list(history)
-    for noise_multiplier, sample_rate, steps in added:
-        composed = add_steps(composed, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    for entry in added:
+        _append(composed, entry)
     return composed
 
 
 def history_without(history: Iterable[Sequence[Any]], added: Iterable[Sequence[Any]]) -> list[HistoryEntry] | None:
     """The history before `added` was composed onto it; None when `history` does not end with `added`."""
     remaining = [tuple(entry) for entry in history]
-    for noise_multiplier, sample_rate, steps in reversed(list(added)):
+    for entry in reversed(list(added)):
         if not remaining:
             return None
-        last_noise, last_rate, last_steps = remaining[-1]
-        if (last_noise, last_rate) != (noise_multiplier, sample_rate) or last_steps < steps:
+        last = remaining[-1]
+        if entry_parameters(last) != entry_parameters(entry) or entry_steps(last) < entry_steps(entry):
             return None
-        remaining[-1:] = [(last_noise, last_rate, last_steps - steps)] if last_steps > steps else []
+        left = entry_steps(last) - entry_steps(entry)
+        remaining[-1:] = [_with_steps(last, left)] if left > 0 else []
     return remaining
+
+
+def has_skellam(history: Iterable[Sequence[Any]]) -> bool:
+    """Whether any entry of `history` is a Skellam entry (then it is accounted for at integer orders)."""
+    return any(is_skellam_entry(entry) for entry in history)
 
 
 # ---------------------------------------------------------------- Opacus-backed accounting
@@ -147,11 +226,22 @@ def _opacus_epsilon(history: list[HistoryEntry], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
+def _epsilon(history: list[HistoryEntry], delta: float) -> float:
+    """Triples only: Opacus's RDPAccountant, as always. Any Skellam entry: RDP at integer orders."""
+    if has_skellam(history):
+        from fedtower.privacy.skellam import skellam_epsilon
+
+        return skellam_epsilon(history=history, delta=delta)
+    return _opacus_epsilon(history, delta)
+
+
 class ClientAccountant:
     """One client's RDP accountant, composed over every step of every round.
 
-    `history` holds (noise_multiplier, sample_rate, steps) entries; ε is computed
-    by Opacus's RDPAccountant. The state round-trips through JSON, so the client
+    `history` holds (noise_multiplier, sample_rate, steps) entries, and ("skellam", noise_multiplier,
+    sample_rate, steps, l2_sensitivity, l1_sensitivity) entries for rounds under secure aggregation.
+    ε of a history of triples is computed by Opacus's RDPAccountant; with any Skellam entry, by
+    `fedtower.privacy.skellam.skellam_epsilon`. The state round-trips through JSON, so the client
     persists it and ε keeps accumulating across rounds, runs and restarts.
     """
 
@@ -167,7 +257,7 @@ class ClientAccountant:
 
     @property
     def total_steps(self) -> int:
-        return sum(steps for _, _, steps in self._history)
+        return sum(entry_steps(entry) for entry in self._history)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Record `steps` DP-SGD steps taken with these parameters."""
@@ -178,19 +268,24 @@ class ClientAccountant:
             steps=check_steps(steps),
         )
 
+    def step_skellam(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, l2_sensitivity: float, l1_sensitivity: float
+    ) -> None:
+        """Record `steps` steps of the distributed Skellam mechanism with these parameters."""
+        self.charge([skellam_entry(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                                   l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)])  # fmt: skip
+
     def charge(self, added: Iterable[Sequence[Any]]) -> None:
-        """Record releases given as (noise_multiplier, sample_rate, steps) entries, in order."""
-        for noise_multiplier, sample_rate, steps in checked_history(list(added), name="added"):
-            self.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        """Record releases given as history entries (Gaussian triples or Skellam entries), in order."""
+        self._history = compose(self._history, checked_history(list(added), name="added"))
 
     def epsilon_with(self, added: Iterable[Sequence[Any]], *, delta: float) -> float:
         """ε after `added` releases more; the accountant is not changed."""
-        return _opacus_epsilon(compose(self._history, checked_history(list(added), name="added")),
-                               check_delta(delta))  # fmt: skip
+        return _epsilon(compose(self._history, checked_history(list(added), name="added")), check_delta(delta))
 
     def epsilon(self, *, delta: float) -> float:
         """ε spent so far at this δ; 0.0 before the first step."""
-        return _opacus_epsilon(self._history, check_delta(delta))
+        return _epsilon(self._history, check_delta(delta))
 
     def epsilon_after(self, *, delta: float, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε this accountant would report after `steps` more steps; the accountant is not changed.
@@ -203,13 +298,13 @@ class ClientAccountant:
             sample_rate=check_sample_rate(sample_rate),
             steps=check_steps(steps),
         )
-        return _opacus_epsilon(planned, check_delta(delta))
+        return _epsilon(planned, check_delta(delta))
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: {"mechanism": "rdp", "history": [[nm, q, steps], ...], "format": 1}."""
+        """JSON-able state: {"mechanism": "rdp", "history": [[nm, q, steps], ["skellam", ...], ...], "format": 1}."""
         return {
             "mechanism": MECHANISM,
-            "history": [[nm, q, steps] for nm, q, steps in self._history],
+            "history": [list(entry) for entry in self._history],
             "format": STATE_FORMAT,
         }
 
@@ -264,8 +359,8 @@ def noise_multiplier_for(
     """The noise multiplier that keeps `steps` steps at `sample_rate` within (target_epsilon, target_delta).
 
     `fixed_history`: releases composed with those steps whose noise is already set (what was spent
-    before, a DP count, planned DP evaluations). Opacus's binary search with the RDP accountant: the
-    result's ε is at most target_epsilon and within `epsilon_tolerance` of it.
+    before, a DP count, planned DP evaluations; Skellam entries too). Opacus's binary search with the
+    RDP accountant: the result's ε is at most target_epsilon and within `epsilon_tolerance` of it.
     """
     if not _is_real(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be a positive finite number; got {target_epsilon!r}.")
@@ -277,7 +372,7 @@ def noise_multiplier_for(
     def epsilon(sigma: float) -> float:
         with warnings.catch_warnings():  # the search probes extreme noise, where the best order is an edge
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            return _opacus_epsilon(compose(fixed, [(sigma, sample_rate, steps)]), target_delta)
+            return _epsilon(compose(fixed, [(sigma, sample_rate, steps)]), target_delta)
 
     floor = epsilon(1e6)
     if floor > target_epsilon:
@@ -427,18 +522,26 @@ def epsilon_from_rdp(*, orders: Sequence[float], rdp: Sequence[float], delta: fl
 
 
 def independent_epsilon(
-    *, history: Iterable[Sequence[Any]], delta: float, orders: Sequence[float] = DEFAULT_ORDERS
+    *, history: Iterable[Sequence[Any]], delta: float, orders: Sequence[float] | None = None
 ) -> float:
-    """ε of a composed (noise_multiplier, sample_rate, steps) history, computed without Opacus.
+    """ε of a composed history, computed without Opacus.
 
     RDP composes by addition over steps and entries; the total is converted to
-    (ε, δ) at the best order. Agrees with Opacus's RDPAccountant to about 1e-9 relative.
+    (ε, δ) at the best order. A history of (noise_multiplier, sample_rate, steps)
+    triples is accounted for at Opacus's orders (`orders`, default DEFAULT_ORDERS)
+    and agrees with Opacus's RDPAccountant to about 1e-9 relative. A history with
+    a Skellam entry is accounted for by `skellam.skellam_epsilon` at integer orders
+    (default 2..256), the same computation as the client's.
     """
     checked = checked_history(list(history))
     delta = check_delta(delta)
     if not checked:
         return 0.0
-    orders = tuple(float(order) for order in orders)
+    if has_skellam(checked):
+        from fedtower.privacy.skellam import SKELLAM_ORDERS, skellam_epsilon
+
+        return skellam_epsilon(history=checked, delta=delta, orders=SKELLAM_ORDERS if orders is None else orders)
+    orders = tuple(float(order) for order in (DEFAULT_ORDERS if orders is None else orders))
     total = [0.0] * len(orders)
     for noise_multiplier, sample_rate, steps in checked:
         per_step = _rdp_per_step(noise_multiplier, sample_rate, orders)

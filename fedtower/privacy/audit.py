@@ -18,6 +18,9 @@ or a site's own) and reports, per finding, the line, node and round:
   PLD for a tighter value), side by side. A ledger epsilon that differs from
   dp-accounting's RDP by more than the tolerance (1% relative by default; the
   two implementations differ by up to 0.35% at fractional orders) is a finding.
+  dp-accounting has no Skellam mechanism: for a history with a Skellam entry
+  (secure aggregation) its columns are "n/a", and the epsilon is recomputed by
+  fedtower's Skellam accountant alone (`fedtower.privacy.skellam`).
 - **monotone**: a node's history must only grow, within and across its lines.
 - **what was released**: exact evaluation sums (`raw-evaluation`) and any
   active test-only hook are findings: neither is covered by the guarantee.
@@ -39,7 +42,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedtower.privacy.accounting import DEFAULT_ORDERS, checked_history, history_without, independent_epsilon
+from fedtower.privacy.accounting import (
+    DEFAULT_ORDERS,
+    checked_history,
+    has_skellam,
+    history_without,
+    independent_epsilon,
+)
 from fedtower.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
@@ -81,11 +90,25 @@ def _dp_accounting_epsilons(history: tuple[tuple[float, float, int], ...], delta
 
 
 def dp_accounting_epsilons(history: Iterable[Sequence[Any]], delta: float) -> tuple[float, float]:
-    """(RDP, PLD) epsilon of a (noise_multiplier, sample_rate, steps) history at `delta`, by dp-accounting."""
+    """(RDP, PLD) epsilon of a (noise_multiplier, sample_rate, steps) history at `delta`, by dp-accounting.
+
+    (NaN, NaN) for a history with a Skellam entry: dp-accounting has no Skellam event (not applicable).
+    """
     checked = tuple(checked_history(list(history)))
     if not checked:
         return 0.0, 0.0
+    if has_skellam(checked):
+        return math.nan, math.nan
     return _dp_accounting_epsilons(checked, float(delta))
+
+
+def _epsilon_text(value: float) -> str:
+    """An epsilon for a table: 4 decimals, or "n/a" where dp-accounting does not apply (NaN)."""
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 # ---------------------------------------------------------------- registered keys
@@ -131,8 +154,8 @@ class AuditRow:
     delta: float
     epsilon_ledger: float
     epsilon_fedtower: float
-    epsilon_rdp: float  # dp-accounting RDP
-    epsilon_pld: float  # dp-accounting PLD
+    epsilon_rdp: float  # dp-accounting RDP (NaN: not applicable, a Skellam history)
+    epsilon_pld: float  # dp-accounting PLD (NaN: not applicable)
     site: str | None = None
 
 
@@ -153,18 +176,29 @@ class AuditReport:
     def final_by_node(self) -> dict[str, AuditRow]:
         return {row.node: row for row in self.rows}
 
+    @property
+    def has_skellam(self) -> bool:
+        """Some row's history has a Skellam entry, which dp-accounting cannot recompute."""
+        return any(math.isnan(row.epsilon_rdp) for row in self.rows)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able (strict: a dp-accounting epsilon that does not apply is null, not NaN)."""
+        def row(r: AuditRow) -> dict[str, Any]:
+            return {k: _json_number(v) for k, v in vars(r).items()}
+
         return {"source": self.source, "entries": self.entries, "ok": self.ok,
                 "signatures": "registered keys" if self.registry else "keys named by the entries (not registered)",
                 "tolerance": self.tolerance,
-                "findings": [vars(f) for f in self.findings], "rows": [vars(r) for r in self.rows],
-                "final": {node: vars(row) for node, row in self.final_by_node().items()}}  # fmt: skip
+                "findings": [vars(f) for f in self.findings], "rows": [row(r) for r in self.rows],
+                "final": {node: row(r) for node, r in self.final_by_node().items()}}  # fmt: skip
 
     def summary(self) -> str:
         keys = "against registered keys" if self.registry else "against the keys the entries name (pass --keys)"
         head = (f"Privacy ledger {self.source}: {self.entries} entries from {len(self.final_by_node())} nodes; "
                 f"signatures checked {keys}; epsilon recomputed by fedtower's RDP and by dp-accounting "
                 f"(RDP, PLD); tolerance {self.tolerance:.1%}.")  # fmt: skip
+        if self.has_skellam:
+            head += f"\n{_SKELLAM_NOTE}"
         table = epsilon_table_text(self.rows)
         if self.ok:
             return f"{head}\n\n{table}\n\nNo problems found."
@@ -172,11 +206,16 @@ class AuditReport:
         return f"{head}\n\n{table}\n\n{len(self.findings)} problem(s):\n{problems}"
 
 
+_SKELLAM_NOTE = ("dp-accounting has no Skellam mechanism: for histories with Skellam entries (secure "
+                 "aggregation) its columns are n/a, and fedtower's Skellam accountant alone recomputes epsilon.")
+
+
 def epsilon_table_text(rows: Sequence[AuditRow]) -> str:
     from fedtower.server.report import render_table
 
     body = [[row.node, str(row.round), row.status, f"{row.delta:.3g}", f"{row.epsilon_ledger:.4f}",
-             f"{row.epsilon_fedtower:.4f}", f"{row.epsilon_rdp:.4f}", f"{row.epsilon_pld:.4f}"] for row in rows]
+             f"{row.epsilon_fedtower:.4f}", _epsilon_text(row.epsilon_rdp), _epsilon_text(row.epsilon_pld)]
+            for row in rows]  # fmt: skip
     headers = ["node", "round", "status", "delta", "ledger", "fedtower RDP", "dp-acc RDP", "dp-acc PLD"]
     return render_table(headers, body, "Epsilon per node and round (cumulative)")
 
@@ -269,7 +308,7 @@ def audit_records(
                 f"(line {before[0]}): another run on the node, or an entry missing here.", entry)  # fmt: skip
         node_history[entry.node] = list(entry.history)
         rdp_eps, pld_eps = dp_accounting_epsilons(entry.history, entry.delta)
-        if rdp_eps and not math.isclose(entry.epsilon_after, rdp_eps, rel_tol=tolerance):
+        if rdp_eps and not math.isnan(rdp_eps) and not math.isclose(entry.epsilon_after, rdp_eps, rel_tol=tolerance):
             add(f"epsilon_after {entry.epsilon_after:.6g} differs from dp-accounting's RDP {rdp_eps:.6g} by "
                 f"more than {tolerance:.1%}.", entry)  # fmt: skip
         if entry.status == "raw-evaluation" or (entry.raw_evaluation and entry.status == "evaluated"):
@@ -368,7 +407,8 @@ def write_report(report: AuditReport, out_dir: str | Path) -> Path:
                 "against the keys the entries name: pass `--keys` to check them against the sites' registered "
                 "keys."),
              f"Every epsilon is recomputed by fedtower's RDP code and by Google's dp-accounting (RDP at Opacus's "
-             f"orders, and PLD); tolerance {report.tolerance:.1%} against dp-accounting's RDP.", ""]  # fmt: skip
+             f"orders, and PLD); tolerance {report.tolerance:.1%} against dp-accounting's RDP.",
+             *([_SKELLAM_NOTE] if report.has_skellam else []), ""]  # fmt: skip
     if report.ok:
         lines += ["**No problems found.**", ""]
     else:
@@ -380,7 +420,8 @@ def write_report(report: AuditReport, out_dir: str | Path) -> Path:
                   "| node | round | status | delta | ledger | fedtower RDP | dp-accounting RDP | dp-accounting PLD |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r.node} | {r.round} | {r.status} | {r.delta:.3g} | {r.epsilon_ledger:.4f} | "
-                  f"{r.epsilon_fedtower:.4f} | {r.epsilon_rdp:.4f} | {r.epsilon_pld:.4f} |" for r in rows]
+                  f"{r.epsilon_fedtower:.4f} | {_epsilon_text(r.epsilon_rdp)} | {_epsilon_text(r.epsilon_pld)} |"
+                  for r in rows]  # fmt: skip
     path = out / "audit.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "audit.json").write_text(json.dumps(report.to_dict(), indent=2))

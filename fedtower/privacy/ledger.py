@@ -50,13 +50,17 @@ from matplotlib.ticker import MaxNLocator
 
 from fedtower.data.schema import atomic_write_bytes, fsync_dir
 from fedtower.privacy.accounting import (
+    HistoryEntry,
     check_delta,
     check_noise_multiplier,
     check_sample_rate,
     check_steps,
     checked_history,
+    entry_parameters,
+    entry_steps,
     history_without,
     independent_epsilon,
+    is_skellam_entry,
 )
 from fedtower.server.report import render_table
 
@@ -69,13 +73,15 @@ UNITS: tuple[str, ...] = ("user", "interaction", "client")
 # trained: DP-SGD ran and the item tower was released; budget-exhausted: nothing trained or released;
 # evaluated: DP evaluation sums released; raw-evaluation: exact sums released (the site opted in).
 STATUSES: tuple[str, ...] = ("trained", "budget-exhausted", "evaluated", "raw-evaluation")
-MECHANISMS: tuple[str, ...] = ("dp-sgd", "gaussian", "none")
+# skellam: the distributed Skellam mechanism under secure aggregation (its trust assumptions in `trust`).
+MECHANISMS: tuple[str, ...] = ("dp-sgd", "gaussian", "skellam", "none")
 RELEASES: tuple[str, ...] = ("item-tower", "evaluation-sums", "raw-evaluation", "nothing")
 WEIGHTS: tuple[str, ...] = ("constant", "examples")
 ACCOUNTANTS: tuple[str, ...] = ("rdp",)
 ADJACENCY = {"user": "add-or-remove-one-user", "interaction": "add-or-remove-one-event",
              "client": "add-or-remove-one-client"}  # fmt: skip
-POPULATION_SOURCES: tuple[str, ...] = ("declared", "dp-count", "unrecorded")
+# federation-declared: the public federation-wide population of a secure-aggregation run (dp-federation-users).
+POPULATION_SOURCES: tuple[str, ...] = ("declared", "dp-count", "federation-declared", "unrecorded")
 VERSIONED_LIBRARIES: tuple[str, ...] = ("fedtower", "opacus", "torch", "flwr")
 
 SIGNATURE_ALGORITHM = "ed25519"
@@ -89,6 +95,7 @@ _JSON_FIELDS = ("history", "versions", "added", "hooks")  # sent inside a Config
 _FORMAT_2_FIELDS = ("added", "mechanism", "release", "adjacency", "population", "population_source",
                     "randomness", "raw_evaluation", "hooks", "sequence", "previous", "previous_in_run",
                     "signer")  # fmt: skip
+_OPTIONAL_FIELDS = ("trust",)  # fields added within format 2: an entry written before them has none
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -196,13 +203,15 @@ class LedgerEntry:
     epsilon_after: float
     status: str  # "trained" or "budget-exhausted"
     weights: str  # aggregation weight the client reported: "constant" or "examples" (leaks its size)
-    history: tuple[tuple[float, float, int], ...]  # the accountant's whole history after this round
+    history: tuple[HistoryEntry, ...]  # the accountant's whole history after this round
     versions: dict[str, str] = field(default_factory=library_versions, hash=False)
     created_at: str = field(default_factory=utc_now)
     # What this entry charged to the accountant, oldest first: history = previous history + added.
     # None: the round's own (noise_multiplier, sample_rate, steps), or nothing when steps = 0.
-    added: tuple[tuple[float, float, int], ...] | None = None
-    mechanism: str = "dp-sgd"  # "dp-sgd", "gaussian" (a DP evaluation or count) or "none"
+    # Entries are Gaussian triples or ["skellam", noise_multiplier, sample_rate, steps, l2, l1].
+    added: tuple[HistoryEntry, ...] | None = None
+    # "dp-sgd", "gaussian" (a DP evaluation or count), "skellam" (secure aggregation) or "none"
+    mechanism: str = "dp-sgd"
     release: str = ""  # what left the node: item-tower, evaluation-sums, raw-evaluation, nothing ("" -> by status)
     adjacency: str = ""  # neighbouring datasets differ by one ... ("" -> by unit)
     population: int = 0  # the public number of privacy units q and delta were planned from (0: unrecorded)
@@ -216,6 +225,10 @@ class LedgerEntry:
     previous: str = ""
     previous_in_run: str = ""
     signer: str = ""  # the node's Ed25519 public key (base64 of its 32 raw bytes) that signs this entry
+    # The trust assumptions the release relies on, e.g. "secure-aggregation; >= 6 of 10 sites in every sum;
+    # honest-but-curious coordinator" ("" for none). None: the entry was written before this field existed;
+    # it then stays out of to_dict, so the entry's signed bytes do not change.
+    trust: str | None = ""
 
     def __post_init__(self) -> None:
         checked = {
@@ -253,6 +266,8 @@ class LedgerEntry:
                 raise ValueError(f"{_field_name(name)} must be a SHA-256 hex digest or empty; got {value!r}.")
         if not isinstance(self.signer, str):
             raise ValueError(f"{_field_name('signer')} must be a base64 public key or empty; got {self.signer!r}.")
+        if self.trust is not None and not isinstance(self.trust, str):
+            raise ValueError(f"{_field_name('trust')} must be a string (the trust assumptions); got {self.trust!r}.")
         if not isinstance(self.raw_evaluation, bool):
             raise ValueError(f"{_field_name('raw_evaluation')} must be true or false; got {self.raw_evaluation!r}.")
         if self.release:
@@ -272,10 +287,18 @@ class LedgerEntry:
             raise ValueError("An 'evaluated' ledger entry must record the DP evaluation it charged in 'added'.")
         if status == "raw-evaluation" and self.charged:
             raise ValueError("A 'raw-evaluation' ledger entry charges nothing ('added' must be empty).")
+        if self.mechanism == "skellam":
+            if status == "trained" and not any(is_skellam_entry(entry) for entry in self.charged):
+                raise ValueError("A trained 'skellam' ledger entry must record its Skellam release in 'added' "
+                                 '(["skellam", noise_multiplier, sample_rate, steps, l2_sensitivity, '
+                                 "l1_sensitivity]).")  # fmt: skip
+            if not self.trust:
+                raise ValueError("A 'skellam' ledger entry must state the trust assumptions its guarantee relies "
+                                 "on in 'trust' (secure aggregation, the threshold of sites in every sum, ...).")
 
     # ------------------------------------------------------------ derived
     @property
-    def charged(self) -> tuple[tuple[float, float, int], ...]:
+    def charged(self) -> tuple[HistoryEntry, ...]:
         """What this entry charged to the accountant (history = previous history + charged)."""
         if self.added is not None:
             return self.added
@@ -303,6 +326,8 @@ class LedgerEntry:
         body["release"] = self.released
         body["hooks"] = list(self.hooks)
         body["versions"] = dict(self.versions)
+        if self.trust is None:  # written before the field existed: its signed bytes have no "trust"
+            del body["trust"]
         return body
 
     @classmethod
@@ -316,14 +341,17 @@ class LedgerEntry:
             raise ValueError(f"The ledger entry's 'format' is {data['format']!r}; this version reads "
                              f"{', '.join(map(str, READABLE_FORMATS))}.")  # fmt: skip
         names = [item.name for item in fields(cls)]
-        optional = _FORMAT_2_FIELDS if data["format"] == 1 else ()
+        optional = (*_FORMAT_2_FIELDS, *_OPTIONAL_FIELDS) if data["format"] == 1 else _OPTIONAL_FIELDS
         missing = [name for name in names if name not in data and name not in optional]
         if missing:
             raise ValueError(f"The ledger entry has no {', '.join(repr(m) for m in missing)} field.")
         unknown = sorted(set(data) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"The ledger entry has unknown fields {unknown}.")
-        return cls(**{name: data[name] for name in names if name in data})
+        if "trust" in data and data["trust"] is None:
+            raise ValueError(f"{_field_name('trust')} must be a string (the trust assumptions); got None.")
+        absent = {name: None for name in _OPTIONAL_FIELDS if name not in data}
+        return cls(**{name: data[name] for name in names if name in data}, **absent)
 
     # ------------------------------------------------------------ Flower records
 
@@ -746,11 +774,11 @@ def history_extends(old: list, new: list) -> bool:
     if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
         return False
     last, same = old[-1], new[len(old) - 1]
-    return same[:2] == last[:2] and same[2] >= last[2]
+    return entry_parameters(same) == entry_parameters(last) and entry_steps(same) >= entry_steps(last)
 
 
 def _steps(history) -> int:
-    return sum(int(h[2]) for h in history)
+    return sum(int(entry_steps(h)) for h in history)
 
 
 def _signature_problems(
@@ -807,7 +835,7 @@ def _close(reported: float, recomputed: float) -> bool:
     return math.isclose(reported, recomputed, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12)
 
 
-def _history_before(entry: LedgerEntry) -> list[tuple[float, float, int]] | None:
+def _history_before(entry: LedgerEntry) -> list[HistoryEntry] | None:
     """The history without what this entry charged; None when the history does not end with it."""
     return history_without(entry.history, entry.charged)
 

@@ -36,6 +36,7 @@ from fedtower.strategies.client_dp import (
     restore_accountant_state,
     wrap_client_level_dp,
 )
+from fedtower.strategies.secure_dp import SecureDPStep
 from fedtower.strategies.item_tower import (
     FederationFinished,
     ItemTowerStrategy,
@@ -90,6 +91,28 @@ def client_level_dp(grid: Grid, settings: RunSettings, inner):
     )
 
 
+def secure_dp_step(settings: RunSettings) -> SecureDPStep:
+    """The federation-wide DP step under secure aggregation (run config secure-aggregation = true)."""
+    return SecureDPStep(threshold=settings.secagg_threshold, l2_units=settings.secagg_scale,
+                        max_grad_norm=settings.max_grad_norm, expected_batch=float(settings.dp_batch_size),
+                        table_lr=settings.dp_table_lr, lr=settings.lr, stage_timeout=settings.round_timeout,
+                        min_available_nodes=settings.min_available_nodes, min_train_nodes=settings.min_train_nodes,
+                        fraction_evaluate=settings.fraction_evaluate,
+                        min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip
+
+
+def secure_summary(strategy: SecureDPStep) -> str:
+    """Mode, threshold, aborted rounds and the noise each site added, for the run summary."""
+    lines = ["Privacy mode: federation-wide user-level DP under secure aggregation (Skellam noise shares)",
+             f"  threshold t = {strategy.last_threshold or strategy.threshold} sites in every unmasked sum; "
+             f"{strategy.steps_taken} DP step(s) taken; {len(strategy.aborted)} round(s) aborted"]  # fmt: skip
+    lines += [f"  round {r} aborted: {why}" for r, why in strategy.aborted]
+    noise = strategy.noise_table()
+    if noise:
+        lines += ["Noise share each site added (std of its Skellam noise per coordinate):", noise]
+    return "\n".join(lines)
+
+
 def client_population(grid: Grid, settings: RunSettings) -> int:
     return max(settings.min_available_nodes, len(list(grid.get_node_ids())))
 
@@ -124,6 +147,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     optimizer_strategy = inner  # holds the server-optimizer state worth checkpointing
     if settings.client_dp != "off":
         inner = client_level_dp(grid, settings, inner)
+    if settings.secure_aggregation:
+        inner = optimizer_strategy = secure_dp_step(settings)
     offset = 0
     monitor = LedgerMonitor()  # each node's last accepted privacy history, to refuse one that went back
     checkpoint = run_dir.load_latest_checkpoint() if settings.resume else None
@@ -136,6 +161,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                 "tower (different catalogue or dim); start a new run name instead of resuming."
             )
         restore_strategy_state(optimizer_strategy, checkpoint.strategy_state)
+        if settings.secure_aggregation:
+            inner.steps_taken = int(checkpoint.extra.get("secure_steps", offset))
         if settings.client_dp != "off":
             restore_client_dp_accountant(inner, checkpoint.extra, round_=offset, where=run_dir.path)
         monitor.load_state_dict(checkpoint.extra.get("ledger_monitor") or {"nodes": {}})
@@ -146,6 +173,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
 
     def on_round_end(current: int, arrays: ArrayRecord, metrics: dict) -> None:
         extra = {"strategy": settings.strategy, "digest": arrays_digest(arrays), "ledger_monitor": monitor.state_dict()}
+        if settings.secure_aggregation:
+            extra["secure_steps"] = inner.steps_taken
         if settings.client_dp != "off":
             extra["client_dp_accountant"] = accountant_state(inner)
             metrics = {**metrics, "epsilon-client-dp": client_dp_epsilon(inner)}
@@ -215,6 +244,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     if entries:
         plot_epsilon(entries, run_dir.plot_path("epsilon"))
         table += "\n\nPrivacy (final epsilon per client; see privacy_ledger.jsonl)\n" + epsilon_table(entries)
+    if settings.secure_aggregation:
+        table += "\n\n" + secure_summary(inner)
     run_dir.write_summary(table)
     log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
     return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected,

@@ -240,14 +240,17 @@ class ItemTowerStrategy(Strategy):
                 self.exhausted.add(node)
                 log.info("Round %d: node %d has spent its privacy budget and did not train.", current, node)
                 continue
-            problem = reply_problem(message, self.expected_arrays)
+            # An inner strategy whose replies are not item towers (masked vectors) validates them itself.
+            problem = None if getattr(self.inner, "checks_replies", False) else reply_problem(message, self.expected_arrays)
             if problem is None:
                 accepted.append(message)
             else:
                 self.rejected.append((current, node, problem))
                 log.warning("Round %d: rejected the reply of node %d: %s", current, node, problem)
         arrays, metrics = None, None
-        if any(not m.has_error() for m in accepted):
+        if getattr(self.inner, "checks_replies", False):
+            arrays, metrics = self.inner.aggregate_train(current, accepted)  # it may abort, or reach sites itself
+        elif any(not m.has_error() for m in accepted):
             arrays, metrics = self.inner.aggregate_train(current, accepted)
         else:
             log.warning("Round %d: no usable training reply; the item tower is unchanged.", current)

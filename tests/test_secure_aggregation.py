@@ -1,0 +1,161 @@
+"""Secure aggregation with federation-wide DP, end to end: in process, and on Flower's simulation engine.
+
+In process (`InProcessGrid`): the real ServerApp logic and ClientApp handlers, with what every site
+put under its masks recorded (by wrapping `SecAggSite.masked_input`, which still runs) so the
+coordinator's sum can be checked against them, and every message the coordinator received kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedtower.config import RunSettings
+from fedtower.privacy.ledger import LedgerEntry
+from fedtower.secure_aggregation import protocol
+from fedtower.secure_aggregation.protocol import decode_signed
+from fedtower.simulations.in_process import simulate_in_process
+from fedtower.strategies.secure_dp import SecureDPStep
+
+DATA = "synthetic:users=150,items=120,seed=4"
+SITES = {"allow-plaintext-state": True}
+
+
+def secure_config(tmp_path, name: str, **overrides) -> RunSettings:
+    return RunSettings.from_run_config({
+        "data": DATA, "num-sites": 3, "dim": 8, "history-len": 30, "num-negatives": 16, "num-server-rounds": 2,
+        "eval-every": 2, "secure-aggregation": True, "noise-multiplier": 1.0, "dp-federation-users": 150,
+        "dp-batch-size": 30, "secagg-scale": 1024, "output-dir": str(tmp_path), "run-name": name, **overrides})  # fmt: skip
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """What each site put under its masks, and each sum the coordinator unmasked (both still computed)."""
+    seen = {"inputs": [], "totals": []}
+    masked_input, step = protocol.SecAggSite.masked_input, SecureDPStep._step
+
+    def record_input(self, vector, *args, **kwargs):
+        seen["inputs"].append((self.node_id, np.array(vector, copy=True)))
+        return masked_input(self, vector, *args, **kwargs)
+
+    def record_total(self, arrays, total):
+        seen["totals"].append(np.array(total, copy=True))
+        return step(self, arrays, total)
+
+    monkeypatch.setattr(protocol.SecAggSite, "masked_input", record_input)
+    monkeypatch.setattr(SecureDPStep, "_step", record_total)
+    return seen
+
+
+def stages_sent(grid) -> list[str]:
+    return [str(m.content["config"].get("secagg-stage", "")) for m in grid.delivered if "config" in m.content]
+
+
+def inputs_by_round(seen, sites: int) -> list[list[tuple[int, np.ndarray]]]:
+    inputs = seen["inputs"]
+    return [inputs[i : i + sites] for i in range(0, len(inputs), sites)]
+
+
+def test_the_coordinator_learns_exactly_the_sum_of_the_sites_inputs_and_nothing_of_one(tmp_path, recorded):
+    # Prepare
+    settings = secure_config(tmp_path, "sum")
+    # Execute
+    result, grid = simulate_in_process(settings, site_config=SITES)
+    # Assert: two rounds, each unmasked sum is exactly the sum of the three sites' integer inputs.
+    assert len(recorded["totals"]) == 2
+    for round_inputs, total in zip(inputs_by_round(recorded, 3), recorded["totals"], strict=True):
+        assert len(round_inputs) == 3
+        expected = sum(decode_signed(vector).astype(np.int64) for _, vector in round_inputs)
+        np.testing.assert_array_equal(total, expected)
+    # No message the coordinator received holds one site's input, or anything correlated with it.
+    inputs = [vector for _, vector in recorded["inputs"]]
+    arrays = [a.numpy() for m in grid.received if not m.has_error() and "arrays" in m.content
+              for a in m.content["arrays"].values()]  # fmt: skip
+    assert len(arrays) == 6  # the masked inputs, nothing else
+    for vector in inputs:
+        signed = decode_signed(vector).astype(np.float64)
+        for received in arrays:
+            assert not np.array_equal(received, vector)
+            corr = np.corrcoef(received.astype(np.float64), signed)[0, 1]
+            assert abs(corr) < 0.1
+    # ... nor any file the coordinator wrote (a masked or unmasked site input would show its raw bytes).
+    needles = [vector[:16].tobytes() for vector in inputs]
+    for path in (tmp_path / "sum").rglob("*"):
+        if path.is_file() and "clients" not in path.parts:
+            blob = path.read_bytes()
+            assert not any(needle in blob for needle in needles), path
+    # Every site charged the federation-wide mechanism, with its trust assumptions, in a signed entry.
+    entries = [LedgerEntry.from_dict(e) for e in result["ledger"]]
+    assert {e.mechanism for e in entries if e.status == "trained"} == {"skellam"}
+    assert all(">= 2 of 3 sites" in e.trust for e in entries if e.status == "trained")
+    last = [e for e in entries if e.status == "trained"][-1]
+    assert [h[0] for h in last.history if isinstance(h[0], str)] == ["skellam"]
+    summary = (tmp_path / "sum" / "summary.txt").read_text()
+    assert "secure aggregation" in summary and "threshold t = 2" in summary and "Noise share" in summary
+
+
+def test_a_site_that_drops_after_masking_leaves_a_correct_round(tmp_path, recorded):
+    # Prepare: site 2 sends its masked input, then vanishes before unmasking (t = 2 of 3).
+    settings = secure_config(tmp_path, "late-drop", **{"num-server-rounds": 1, "eval-every": 1})
+    # Execute
+    result, grid = simulate_in_process(settings, site_config=SITES, per_site={2: {"test-only-secagg-drop": 4}})
+    # Assert: its input is still in the sum (its masks are removed with the survivors' shares).
+    (total,) = recorded["totals"]
+    assert len(recorded["inputs"]) == 3
+    np.testing.assert_array_equal(total, sum(decode_signed(v).astype(np.int64) for _, v in recorded["inputs"]))
+    assert stages_sent(grid).count("unmask") == 3
+
+
+def test_a_site_that_drops_before_masking_is_left_out_of_the_sum(tmp_path, recorded):
+    settings = secure_config(tmp_path, "early-drop", **{"num-server-rounds": 1, "eval-every": 1})
+    result, grid = simulate_in_process(settings, site_config=SITES, per_site={0: {"test-only-secagg-drop": 3}})
+    (total,) = recorded["totals"]
+    assert len(recorded["inputs"]) == 2  # site 0 never masked anything
+    np.testing.assert_array_equal(total, sum(decode_signed(v).astype(np.int64) for _, v in recorded["inputs"]))
+    assert stages_sent(grid).count("unmask") == 2  # only the survivors are asked
+
+
+def test_one_dropout_more_than_allowed_aborts_the_round_before_anything_is_unmasked(tmp_path, recorded):
+    # Prepare: two of three sites vanish before masking; t = 2.
+    settings = secure_config(tmp_path, "abort", **{"num-server-rounds": 1, "eval-every": 1})
+    drop = {"test-only-secagg-drop": 3}
+    # Execute
+    result, grid = simulate_in_process(settings, site_config=SITES, per_site={0: drop, 1: drop})
+    # Assert: no unmask request left the coordinator, no sum exists, the tower stayed as it was.
+    assert "unmask" not in stages_sent(grid)
+    assert recorded["totals"] == []
+    summary = (tmp_path / "abort" / "summary.txt").read_text()
+    assert "1 round(s) aborted" in summary
+
+
+def test_the_accountant_charges_the_federation_wide_mechanism(tmp_path, recorded):
+    from fedtower.privacy.skellam import skellam_epsilon
+
+    settings = secure_config(tmp_path, "account")
+    result, _ = simulate_in_process(settings, site_config=SITES)
+    trained = [LedgerEntry.from_dict(e) for e in result["ledger"] if e["status"] == "trained"]
+    final = trained[-1]
+    # q over the whole federation, one step per round, D2 = secagg-scale, D1 = min(D2^2, sqrt(d) D2).
+    kind, z, q, steps, l2, l1 = final.history[-1]
+    assert (kind, z, q, steps, l2) == ("skellam", 1.0, 30 / 150, 2, 1024)
+    assert l1 <= 1024**2
+    recomputed = skellam_epsilon(history=[list(h) for h in final.history], delta=final.delta)
+    assert math.isclose(final.epsilon_after, recomputed, rel_tol=1e-9)
+
+
+def test_a_site_refuses_rounds_below_its_own_limits(tmp_path):
+    # A site that requires secure aggregation refuses a per-site DP run; one whose minimum t is above the
+    # round's refuses the secure round: no ledger entry, no update from it.
+    plain = RunSettings.from_run_config({"data": DATA, "num-sites": 3, "dim": 8, "history-len": 30,
+                                         "num-server-rounds": 1, "noise-multiplier": 1.0,
+                                         "output-dir": str(tmp_path), "run-name": "plain"})  # fmt: skip
+    result, grid = simulate_in_process(plain, site_config={**SITES, "dp-population-users": 50},
+                                       per_site={0: {"require-secure-aggregation": True}})  # fmt: skip
+    errors = [m.error.reason for m in grid.received if m.has_error()]
+    assert any("requires secure aggregation" in e for e in errors)
+    secure = secure_config(tmp_path, "min-t", **{"num-server-rounds": 1, "eval-every": 1})
+    result, grid = simulate_in_process(secure, site_config=SITES, per_site={1: {"min-secagg-threshold": 3}})
+    errors = [m.error.reason for m in grid.received if m.has_error()]
+    assert any("min-secagg-threshold = 3" in e for e in errors)
