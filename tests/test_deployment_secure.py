@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest  # pylint: disable=E0611
@@ -492,3 +493,74 @@ def test_superlink_killed_mid_round_restarts_and_the_run_resumes_after_the_last_
     audit = ledger.verify_all()
     assert {(finding.node, finding.round) for finding in audit.findings} == {(p, 2) for p in pseudonyms}
     assert all("does not continue this node's previous entry" in finding.problem for finding in audit.findings)
+
+
+# ---------------------------------------------------------------- d. secure aggregation, a site killed mid-protocol
+
+
+def test_secure_aggregation_over_tls_survives_a_site_killed_after_sharing_keys(tmp_path):
+    from fedtower.config import RunSettings
+    from fedtower.privacy.skellam import skellam_epsilon
+    from tests.secagg_utils import (
+        files_holding,
+        item_tower,
+        raw_byte_needles,
+        recorded_inputs,
+        table_slices,
+        unmasked_table_sum,  # fmt: skip
+    )
+
+    # Prepare: three sites, t = 2 (a majority). Site 2 takes part in setup and key sharing, then hangs at
+    # the masked-input stage until its SuperNode is SIGKILLed with everything under it.
+    run_name, victim = "secagg", "supernode-2"
+    sites = prepare_sites(DATA, 3, tmp_path / "sites")
+    for site in sites:
+        site.extra_node_config["test-only-secagg-record"] = True
+    sites[2].extra_node_config["test-only-secagg-stall"] = 3
+    config = dp_config(tmp_path / "runs", run_name, 1, nodes=3, **{
+        "secure-aggregation": True, "dp-federation-users": 120, "dp-batch-size": 24, "secagg-scale": 1024,
+        "fraction-evaluate": 0.0, "round-timeout": 45.0})  # fmt: skip
+    settings = RunSettings.from_run_config(config)
+    run_path = tmp_path / "runs" / run_name
+    stalled = sites[2].state_dir / "secagg-stalled"
+
+    with local_deployment(tmp_path / "flower", sites, secure=True) as deployment:
+        run = deployment.start_run(REPO_ROOT, config)
+        # Execute: kill the victim once it holds the others' shares and hangs before masking.
+        deployment.wait(stalled.exists, RUN_TIMEOUT_S, "site 2 to reach the masked-input stage")
+        killed = deployment.kill(victim)
+        run_id, log = deployment.wait_run(run, RUN_TIMEOUT_S)
+        status = deployment.run_status(run_id)
+
+    # Assert: the run completed its round without the victim, and the sum the coordinator stepped with
+    # (read back from the released towers) is exactly what the two survivors put under their masks.
+    assert killed and status == "finished:completed", log
+    assert stalled.read_text().split() == ["masked-input", "1"]
+    assert recorded_inputs(sites[2].state_dir, 1) is None
+    inputs = [recorded_inputs(site.state_dir, 1) for site in sites[:2]]
+    before, after = item_tower(run_path, settings, 0), item_tower(run_path, settings, 1)
+    recovered = unmasked_table_sum(before, after, settings)
+    expected = table_slices(inputs[0].astype(np.int64) + inputs[1], before)
+    for key, total in expected.items():
+        np.testing.assert_allclose(recovered[key], total, atol=0.05, rtol=0)
+    # Nothing the coordinator stored (run directory) or logged holds a site's input.
+    needles = [n for vector in inputs for n in raw_byte_needles(vector)]
+    assert files_holding(run_path, needles) == []
+    assert files_holding(tmp_path / "flower" / "logs", needles) == []
+    # The survivors charged one federation-wide Skellam step with its trust assumptions; the server's
+    # ledger is the sites' own, and the auditor's recomputation agrees.
+    ledger = ServerLedger(run_path)
+    assert ledger.verify_all().ok
+    entries = entry_dicts(ledger.entries())
+    assert [(e["round"], e["status"], e["mechanism"]) for e in entries] == [(1, "trained", "skellam")] * 2
+    for entry in entries:
+        assert entry["trust"].startswith("secure-aggregation") and ">= 2 of 3 sites" in entry["trust"]
+        (skellam,) = [h for h in entry["history"] if isinstance(h[0], str)]
+        assert skellam[:4] == ["skellam", 1.0, 24 / 120, 1] and skellam[4] == 1024
+        assert isclose(entry["epsilon_after"], skellam_epsilon(history=entry["history"], delta=entry["delta"]))
+    own = {str(site.state_dir): ClientStateStore(site.state_dir, create=False).read_ledger() for site in sites[:2]}
+    report = audit_records(ledger.entries(), site_ledgers=own)
+    assert report.ok, report.summary()
+    summary = (run_path / "summary.txt").read_text()
+    assert "secure aggregation" in summary and "threshold t = 2" in summary and "0 round(s) aborted" in summary
+    assert summary.count(" units (") == 2  # the noise share of each of the two sites that masked

@@ -98,3 +98,27 @@ def test_integer_user_sum_matches_the_clipped_float_sum_up_to_rounding():
     error = (total.double() - float_sum).abs()
     assert float(error.max()) <= batch  # under one unit per user and coordinate
     assert float((total.double() - float_sum).norm() / float_sum.norm()) < 0.05
+
+
+def test_no_sum_overflows_at_the_largest_catalogue_benchmarked():
+    # Prepare: the item tower of the cost benchmark's largest catalogue (10^5 items, dim 32), 10 sites, each
+    # at the worst case: every coordinate of its clipped sum at +-site_range (half of them +, half -), plus
+    # its Skellam noise share at a large noise (z = 10, secagg-scale 4096, t = 6), one site dropped out.
+    from fedtower.privacy.skellam import skellam_noise
+    from fedtower.secure_aggregation.protocol import decode_signed, encode_signed, run_in_memory
+    from fedtower.server.federation import initial_item_tower
+
+    tower = initial_item_tower(RunSettings(data="synthetic:users=100,items=100000,seed=0", dim=32))
+    length = sum(array.numpy().size for array in tower.values())
+    sites, t, z, scale = 10, 6, 10.0, 4096
+    mu = (z * scale) ** 2 / (2 * t)
+    bound = site_range(num_sites=sites, noise_std=math.sqrt(2 * mu))
+    signs = np.where(np.arange(length) % 2 == 0, 1, -1).astype(np.int64)
+    shares = {node: bound * signs + skellam_noise(DPRandom(), mu=mu, size=length) for node in range(1, sites + 1)}
+    # Execute: the real protocol, modulo 2^32, site 10 gone before masking.
+    result = run_in_memory({n: encode_signed(v) for n, v in shares.items()}, threshold=t, drop_after={10: "share_keys"})
+    # Assert: the decoded sum is the exact signed sum of the nine inputs, near the 32-bit edge but inside it.
+    expected = sum(shares[n] for n in range(1, sites))
+    assert length == 3_307_968
+    np.testing.assert_array_equal(decode_signed(result.aggregate), expected)
+    assert np.abs(expected).max() > 0.85 * SIGNED_LIMIT * (sites - 1) / sites

@@ -27,7 +27,8 @@ def secure_config(tmp_path, name: str, **overrides) -> RunSettings:
     return RunSettings.from_run_config({
         "data": DATA, "num-sites": 3, "dim": 8, "history-len": 30, "num-negatives": 16, "num-server-rounds": 2,
         "eval-every": 2, "secure-aggregation": True, "noise-multiplier": 1.0, "dp-federation-users": 150,
-        "dp-batch-size": 30, "secagg-scale": 1024, "output-dir": str(tmp_path), "run-name": name, **overrides})  # fmt: skip
+        "dp-batch-size": 30, "secagg-scale": 1024, "output-dir": str(tmp_path), "run-name": name,
+        **overrides})  # fmt: skip
 
 
 @pytest.fixture
@@ -159,3 +160,78 @@ def test_a_site_refuses_rounds_below_its_own_limits(tmp_path):
     result, grid = simulate_in_process(secure, site_config=SITES, per_site={1: {"min-secagg-threshold": 3}})
     errors = [m.error.reason for m in grid.received if m.has_error()]
     assert any("min-secagg-threshold = 3" in e for e in errors)
+
+
+# ---------------------------------------------------------------- on Flower's simulation engine (Ray)
+
+
+@pytest.mark.simulation
+def test_a_ray_simulation_sums_exactly_what_the_surviving_sites_masked(tmp_path):
+    from fedtower.privacy.skellam import skellam_epsilon
+    from fedtower.simulations.runner import simulate
+    from tests.secagg_utils import (
+        files_holding,
+        item_tower,
+        raw_byte_needles,
+        recorded_inputs,
+        table_slices,
+        unmasked_table_sum,  # fmt: skip
+    )
+
+    # Prepare: four sites, t = 3; site 3 vanishes at the masked-input stage of every round.
+    settings = secure_config(tmp_path, "ray", **{"num-sites": 4, "secagg-threshold": 3, "dp-federation-users": 150,
+                                                 "eval-every": 2})  # fmt: skip
+    record = {**SITES, "test-only-secagg-record": True}
+    # Execute
+    result = simulate(settings, site_config=record, per_site={3: {"test-only-secagg-drop": 3}})
+    # Assert: both rounds stepped; each round's unmasked sum, read back from the released towers, is exactly
+    # the sum of what the three survivors put under their masks (the dropped site's masks cancelled).
+    run_path = tmp_path / "ray"
+    states = [settings.node_state_dir(p) for p in range(4)]
+    assert recorded_inputs(states[3], 1) is None and recorded_inputs(states[3], 2) is None
+    for server_round in (1, 2):
+        before, after = item_tower(run_path, settings, server_round - 1), item_tower(run_path, settings, server_round)
+        recovered = unmasked_table_sum(before, after, settings)
+        inputs = [recorded_inputs(states[p], server_round) for p in range(3)]
+        expected = table_slices(sum(v.astype(np.int64) for v in inputs), before)
+        for key, total in expected.items():
+            np.testing.assert_allclose(recovered[key], total, atol=0.05, rtol=0)
+        assert any(np.abs(v).max() > 0 for v in expected.values())
+    # Nothing the coordinator stored holds one site's input.
+    needles = [n for p in range(3) for r in (1, 2) for n in raw_byte_needles(recorded_inputs(states[p], r))]
+    assert files_holding(run_path, needles) == []
+    # Each survivor charged two federation-wide Skellam steps, which an independent recomputation matches.
+    trained = [LedgerEntry.from_dict(e) for e in result["ledger"] if e["status"] == "trained"]
+    assert len(trained) == 6 and {e.mechanism for e in trained} == {"skellam"}
+    for entry in trained:
+        skellam = [h for h in entry.history if isinstance(h[0], str)]
+        assert len(skellam) == 1 and skellam[0][3] == entry.round
+        assert math.isclose(entry.epsilon_after, skellam_epsilon(history=[list(h) for h in entry.history],
+                                                                 delta=entry.delta), rel_tol=1e-9)  # fmt: skip
+        assert ">= 3 of 4 sites" in entry.trust
+    summary = (run_path / "summary.txt").read_text()
+    assert "threshold t = 3" in summary and "0 round(s) aborted" in summary
+
+
+@pytest.mark.simulation
+def test_a_ray_simulation_aborts_a_round_that_loses_one_site_too_many(tmp_path):
+    from fedtower.simulations.runner import simulate
+    from tests.secagg_utils import item_tower
+
+    # Prepare: four sites, t = 3, two vanish at the masked-input stage.
+    settings = secure_config(tmp_path, "ray-abort", **{"num-sites": 4, "secagg-threshold": 3, "num-server-rounds": 1,
+                                                       "eval-every": 1})  # fmt: skip
+    drop = {"test-only-secagg-drop": 3}
+    # Execute
+    result = simulate(settings, site_config=SITES, per_site={2: drop, 3: drop})
+    # Assert: nothing was unmasked, so the released tower is the initial one. The two sites that sent a masked
+    # input charged its step anyway (once it left them they cannot know it will never be unmasked); the two
+    # that vanished charged nothing.
+    charged = sorted(LedgerEntry.from_dict(e).round for e in result["ledger"] if e["status"] == "trained")
+    assert charged == [1, 1]
+    run_path = tmp_path / "ray-abort"
+    before, after = item_tower(run_path, settings, 0), item_tower(run_path, settings, 1)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+    summary = (run_path / "summary.txt").read_text()
+    assert "1 round(s) aborted" in summary and "fewer than the threshold" in summary

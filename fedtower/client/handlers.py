@@ -299,7 +299,8 @@ class _PrivateRound:
               max_grad_norm: float | None = None, trust: str = "") -> LedgerEntry:  # fmt: skip
         calibration, accountant = self.calibration, self.accountant
         own = plan.own
-        noise, rate = (own[1], own[2]) if isinstance(own[0], str) else (own[0], own[1])  # tagged: ["skellam", z, q, ...]
+        # A tagged entry is ["skellam", z, q, ...]; a Gaussian one (z, q, steps).
+        noise, rate = (own[1], own[2]) if isinstance(own[0], str) else (own[0], own[1])
         delta, population, source = calibration.delta, calibration.population, calibration.population_source
         if self.blind:
             # Placeholders that say nothing about this run's count: an earlier run's public delta (or, for a

@@ -64,6 +64,10 @@ class NodeSettings:
     test_only_secagg_drop: int | None = None
     # ... or hang there (after writing `secagg-stalled` in the state dir) until the process is killed.
     test_only_secagg_stall: int | None = None
+    # ... and keep, in state-dir/secagg-inputs/round-<r>.npy, the integer vector this site put under its masks
+    # (its users' quantized sum plus its noise share), so a test can check the coordinator's sum against the
+    # sites' inputs. The site's own disk only: nothing more is released.
+    test_only_secagg_record: bool = False
     raw: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -92,7 +96,9 @@ class NodeSettings:
             if value is not None and value < 1:
                 raise ValueError(f"Node config key {key!r} must be a positive integer, got {value}.")
         if self.min_secagg_threshold < 2:
-            raise ValueError(f"Node config key 'min-secagg-threshold' must be at least 2, got {self.min_secagg_threshold}.")
+            raise ValueError(
+                f"Node config key 'min-secagg-threshold' must be at least 2, got {self.min_secagg_threshold}."
+            )
         for key, stage in (("test-only-secagg-drop", self.test_only_secagg_drop),
                            ("test-only-secagg-stall", self.test_only_secagg_stall)):  # fmt: skip
             if stage is not None and stage not in (1, 2, 3, 4):
@@ -138,7 +144,8 @@ _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population
          "test-only-secagg-stall"}  # fmt: skip
 _POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
-_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation"}
+_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation",
+          "test-only-secagg-record"}  # fmt: skip
 
 
 def _parse(key: str, value: object) -> object:

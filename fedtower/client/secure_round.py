@@ -31,12 +31,20 @@ import logging
 import math
 import time
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtower.client.dp_training import DPConfig, DPTrainer
-from fedtower.client.local import build_model, load_node_data, load_user_embeddings, pick_device, serving_meta
+from fedtower.client.local import (
+    build_model,
+    load_node_data,
+    load_user_embeddings,
+    pick_device,
+    serving_meta,
+    user_embeddings_payload,  # fmt: skip
+)
 from fedtower.client.node_settings import NodeSettings
-from fedtower.client.private_round import PrivacyRefusal
+from fedtower.client.private_round import PrivacyRefusal, plan_training
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import signed_to_config_record
 from fedtower.privacy.quantization import clip_coordinates, site_range
@@ -119,7 +127,8 @@ def _share_keys(config, context, settings, state, server_round) -> RecordDict:
     ciphertexts = site.share_keys(public_keys)
     _save(state, settings, server_round, site, masked=False)
     to = sorted(ciphertexts)
-    return RecordDict({"secagg": ConfigRecord({"to": [str(n) for n in to], "ciphertexts": [ciphertexts[n] for n in to]})})
+    record = ConfigRecord({"to": [str(n) for n in to], "ciphertexts": [ciphertexts[n] for n in to]})
+    return RecordDict({"secagg": record})
 
 
 def _unmask(config, context, settings, state, server_round) -> RecordDict:
@@ -154,8 +163,6 @@ def _masked_input(message, config, context, settings, node, state, server_round)
             raise ValueError(f"The round's vector length {length} is not this node's item tower's size.")
         round_ = _PrivateRound(settings, node, state, data, context, server_round, meta, vector_length=length)
         calibration = round_.calibration
-        from fedtower.client.private_round import plan_training
-
         plan = plan_training(calibration, round_.accountant, round_.count, round_.cap)
         trust = trust_assumptions(threshold, participants)
         if plan.exhausted:
@@ -180,10 +187,10 @@ def _masked_input(message, config, context, settings, node, state, server_round)
         bound = site_range(num_sites=participants, noise_std=noise_std)
         noise = skellam_noise(round_.randomness.spawn("skellam"), mu=mu, size=length)
         share = clip_coordinates(total, bound).numpy() + noise
+        if node.test_only_secagg_record:
+            _record_input(state, server_round, share)
         masked = site.masked_input(encode_signed(share), received)
         entry = round_.entry(plan, status="trained", added=plan.added, mechanism="skellam", trust=trust)
-        from fedtower.client.local import user_embeddings_payload
-
         components = {
             "users": user_embeddings_payload(model, data.users),
             "item_tower": global_snapshot,
@@ -209,6 +216,13 @@ def _step_config(settings: RunSettings, calibration, node: NodeSettings) -> DPCo
 
 
 # ---------------------------------------------------------------- the round's secrets, on disk
+
+
+def _record_input(state, server_round: int, share) -> None:
+    """Test-only (node config test-only-secagg-record): keep this round's pre-mask input on the site's disk."""
+    folder = state.state_dir / "secagg-inputs"
+    folder.mkdir(exist_ok=True)
+    np.save(folder / f"round-{server_round}.npy", np.asarray(share, dtype=np.int64))
 
 
 def _state_payload(settings: RunSettings, server_round: int, site: SecAggSite, *, masked: bool) -> dict:

@@ -36,7 +36,6 @@ from fedtower.strategies.client_dp import (
     restore_accountant_state,
     wrap_client_level_dp,
 )
-from fedtower.strategies.secure_dp import SecureDPStep
 from fedtower.strategies.item_tower import (
     FederationFinished,
     ItemTowerStrategy,
@@ -46,6 +45,7 @@ from fedtower.strategies.item_tower import (
     restore_strategy_state,
     strategy_state,
 )
+from fedtower.strategies.secure_dp import SecureDPStep
 
 log = logging.getLogger("fedtower.server")
 

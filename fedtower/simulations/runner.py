@@ -28,20 +28,25 @@ from fedtower.simulations.partition import partition_users
 log = logging.getLogger("fedtower")
 
 
-def make_client_app(run_config: dict, site_config: Mapping[str, object] | None = None) -> ClientApp:
+def make_client_app(run_config: dict, site_config: Mapping[str, object] | None = None,
+                    per_site: Mapping[int, Mapping[str, object]] | None = None) -> ClientApp:  # fmt: skip
     """The ClientApp with `run_config` bound (simulation only).
 
     `site_config`: node config every simulated site adds to the `partition-id` / `num-partitions`
     Flower gives it (a declared population, an opt-in): in a simulation, whoever runs it plays
-    every site too. It is checked like a SuperNode's --node-config.
+    every site too. `per_site` adds node config to some partitions only ({partition-id: config}).
+    Both are checked like a SuperNode's --node-config.
     """
     site_config = dict(site_config or {})
-    NodeSettings.from_node_config(site_config)  # a bad key fails here, before Ray starts
+    per_site = {int(p): dict(c) for p, c in (per_site or {}).items()}
+    for extra in [{}, *per_site.values()]:
+        NodeSettings.from_node_config({**site_config, **extra})  # a bad key fails here, before Ray starts
     app = ClientApp()
 
     def as_site(context: Context) -> Context:
-        if site_config:
-            context.node_config = {**context.node_config, **site_config}
+        extra = per_site.get(int(context.node_config.get("partition-id", -1)), {})
+        if site_config or extra:
+            context.node_config = {**context.node_config, **site_config, **extra}
         return context
 
     @app.train(mods=[optional_fixed_clipping])
@@ -73,11 +78,12 @@ def num_partitions(settings: RunSettings) -> int:
 
 
 def simulate(settings: RunSettings, *, verbose: bool = False, client_app: ClientApp | None = None,
-             site_config: Mapping[str, object] | None = None) -> dict:  # fmt: skip
+             site_config: Mapping[str, object] | None = None,
+             per_site: Mapping[int, Mapping[str, object]] | None = None) -> dict:  # fmt: skip
     """Run the whole federation in this process; returns the server's result.
 
     `client_app` replaces fedtower's ClientApp (tests use it to inject faults); `site_config` is
-    node config for every simulated site (see make_client_app).
+    node config for every simulated site, `per_site` for some (see make_client_app).
     """
     partitions = num_partitions(settings)
     supernodes = settings.num_supernodes or partitions
@@ -104,7 +110,7 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=make_server_app(settings, results),
-            client_app=client_app or make_client_app(run_config, site_config),
+            client_app=client_app or make_client_app(run_config, site_config, per_site),
             num_supernodes=supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,

@@ -48,9 +48,11 @@ class SecureDPStep(FedAvg):
 
     def __init__(self, *, threshold: int = 0, l2_units: int, max_grad_norm: float, expected_batch: float,
                  table_lr: float, lr: float, stage_timeout: float, min_available_nodes: int = 1,
-                 min_train_nodes: int = 2, fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 1) -> None:  # fmt: skip
-        super().__init__(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_train_nodes=max(2, min_train_nodes),
-                         min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=max(2, min_available_nodes))  # fmt: skip
+                 min_train_nodes: int = 2, fraction_evaluate: float = 1.0,
+                 min_evaluate_nodes: int = 1) -> None:  # fmt: skip
+        super().__init__(fraction_train=1.0, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=max(2, min_train_nodes), min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=max(2, min_available_nodes))  # fmt: skip
         if threshold < 0 or threshold == 1:
             raise ValueError(f"The secure-aggregation threshold must be 0 (a majority) or at least 2, got {threshold}.")
         if not l2_units >= 1 or not max_grad_norm > 0 or not expected_batch > 0:
@@ -141,7 +143,9 @@ class SecureDPStep(FedAvg):
         return []
 
     # ------------------------------------------------------------- stage 4 and the step
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.round is None:
             return None, None
         secagg: SecAggServer = self.round["secagg"]
