@@ -246,6 +246,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         table += "\n\nPrivacy (final epsilon per client; see privacy_ledger.jsonl)\n" + epsilon_table(entries)
     if settings.secure_aggregation:
         table += "\n\n" + secure_summary(inner)
+    elif settings.dp_enabled and settings.client_dp == "off":
+        table += ("\n\nPrivacy mode: per-site DP (each site adds the full noise to its own update; "
+                  "the coordinator sees each update)")  # fmt: skip
     run_dir.write_summary(table)
     log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
     return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected,

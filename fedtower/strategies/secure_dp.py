@@ -211,7 +211,14 @@ class SecureDPStep(FedAvg):
         """The noise each site added (std of its Skellam share, in integer units), for the run summary."""
         if not self.noise_std_by_node:
             return ""
-        rows = [f"  node {node}: {std:,.1f} units ({std / self.units_per_gradient:.4g} x gradient norm units)"
+        rows = [f"  node {node}: {std:,.1f} integer units = {std / self.units_per_gradient:.4g} x max-grad-norm"
                 for node, std in sorted(self.noise_std_by_node.items())]  # fmt: skip
         total = math.sqrt(sum(s * s for s in self.noise_std_by_node.values()))
-        return "\n".join(rows + [f"  all sites together: {total:,.1f} units"])
+        rows.append(f"  all {len(rows)} sites together: {total:,.1f} integer units")
+        t = self.last_threshold or self.threshold
+        if t:
+            # The fewest shares in any unmasked sum: what the accountant charges (noise multiplier z).
+            least = math.sqrt(t) * min(self.noise_std_by_node.values())
+            rows.append(f"  any t = {t} of them: {least:,.1f} integer units = {least / self.units_per_gradient:.4g} "
+                        "x max-grad-norm (the noise the accountant charges)")  # fmt: skip
+        return "\n".join(rows)
