@@ -9,6 +9,7 @@ table coordinates, to float32 rounding (far below one integer unit at these size
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,36 @@ def files_holding(root: Path, needles: list[bytes], *, skip_part: str = "clients
             if any(needle in blob for needle in needles):
                 found.append(path)
     return found
+
+
+def independent_secure_epsilon(history, delta: float, max_order: int = 64) -> float:
+    """ε of a secure run's history, recomputed term by term in plain floats, sharing no code with the
+    accountant: the Skellam bound in its variance form V = (z D2)^2 (as google-research's distributed_dp
+    writes it), Zhu and Wang's subsampling sum, DP evaluations (Gaussian, q = 1: α / (2 σ^2)), and the
+    Balle et al. conversion; orders where plain floats overflow are left out."""
+    best = math.inf
+    for a in range(2, max_order + 1):
+        total = 0.0
+        try:
+            for entry in history:
+                if isinstance(entry[0], str):
+                    _, z, q, steps, d2, d1 = entry
+                    v = (z * d2) ** 2
+
+                    def base(j, d2=d2, d1=d1, v=v):
+                        integers = min(((2 * j - 1) * d2**2 + 6 * d1) / (4 * v**2), 3 * d1 / (2 * v))
+                        return j * d2**2 / (2 * v) + integers
+
+                    s = (1 - q) ** (a - 1) * (a * q - q + 1)
+                    s += math.comb(a, 2) * q**2 * (1 - q) ** (a - 2) * math.exp(base(2))
+                    s += 3 * sum(math.comb(a, j) * (1 - q) ** (a - j) * q**j * math.exp((j - 1) * base(j))
+                                 for j in range(3, a + 1))  # fmt: skip
+                    total += steps * min(math.log(s) / (a - 1), base(a))
+                else:
+                    sigma, q, steps = entry
+                    assert q == 1.0, "only DP evaluations (q = 1) are Gaussian entries of a secure run"
+                    total += steps * a / (2 * sigma**2)
+        except OverflowError:
+            continue
+        best = min(best, total - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a))
+    return best
