@@ -146,6 +146,24 @@ def test_the_accountant_charges_the_federation_wide_mechanism(tmp_path, recorded
     assert math.isclose(final.epsilon_after, recomputed, rel_tol=1e-9)
 
 
+def test_every_site_adds_a_share_of_the_same_noise_whatever_its_own_settings(tmp_path):
+    # Prepare: a target epsilon (so z is planned), and sites whose own settings would change a per-site plan:
+    # site 0 releases exact evaluation sums (no DP evaluations to plan for), site 1 has a smaller max-delta.
+    settings = secure_config(tmp_path, "same-z", **{"noise-multiplier": 0.0, "target-epsilon": 4.0})
+    per_site = {0: {"allow-raw-evaluation": True}, 1: {"max-delta": 1e-4}}
+    # Execute
+    result, _ = simulate_in_process(settings, site_config=SITES, per_site=per_site)
+    # Assert: one z everywhere (the t shares sum to the noise every site charges), each site at its own delta.
+    entries = [LedgerEntry.from_dict(e) for e in result["ledger"]]
+    trained = [e for e in entries if e.status == "trained"]
+    assert len({e.noise_multiplier for e in trained}) == 1
+    assert {e.delta for e in trained} == {1e-4, 1 / (10 * 150)}
+    # The stricter site's epsilon at its own delta is higher: it stops before passing the run's target.
+    strict = [e for e in entries if e.delta == 1e-4]
+    assert [(e.round, e.status) for e in strict] == [(1, "trained"), (2, "budget-exhausted"), (2, "evaluated")]
+    assert max(e.epsilon_after for e in entries) <= 4.0
+
+
 def test_a_site_refuses_rounds_below_its_own_limits(tmp_path):
     # A site that requires secure aggregation refuses a per-site DP run; one whose minimum t is above the
     # round's refuses the secure round: no ledger entry, no update from it.

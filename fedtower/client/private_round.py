@@ -114,9 +114,10 @@ def budget_cap(settings: RunSettings, node: NodeSettings) -> float:
     return min(caps) if caps else math.inf
 
 
-def planned_evaluations(settings: RunSettings, node: NodeSettings) -> int:
-    """DP evaluations this node may be asked for in the run (none when it releases exact sums)."""
-    if settings.fraction_evaluate == 0 or node.allow_raw_evaluation:
+def planned_evaluations(settings: RunSettings, node: NodeSettings | None) -> int:
+    """DP evaluations this node may be asked for in the run (none when it releases exact sums).
+    `node` None: from the run config alone (every evaluation a DP one)."""
+    if settings.fraction_evaluate == 0 or (node is not None and node.allow_raw_evaluation):
         return 0
     rounds = settings.num_server_rounds
     return sum(1 for r in range(1, rounds + 1) if r % settings.eval_every == 0 or r == rounds)
@@ -194,6 +195,7 @@ def _new_secure_calibration(settings, node, population, vector_length) -> Calibr
     if vector_length < 1:
         raise ValueError("A secure-aggregation calibration needs the length of the item-tower vector.")
     sample_rate = min(1.0, settings.dp_batch_size / population)
+    # This site's own delta (its ledger's) may be smaller than the plan's, through its max-delta.
     delta = settings.target_delta or min(default_delta(population), node.max_delta or 1.0)
     l2 = settings.secagg_scale
     l1 = l1_bound(l2, vector_length)
@@ -202,8 +204,13 @@ def _new_secure_calibration(settings, node, population, vector_length) -> Calibr
     if settings.noise_multiplier > 0:
         noise = settings.noise_multiplier
     else:
-        fixed = [(eval_noise, 1.0, evaluations)] if evaluations else []
-        noise = skellam_noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=delta,
+        # z from the run config alone: a site whose own settings (max-delta, raw evaluation) changed it
+        # would add a share of another size, and the sum of t shares would not carry the z every
+        # site charges. So plan at the run's delta, with every planned evaluation a DP one.
+        plan_delta = settings.target_delta or default_delta(population)
+        plan_evaluations = planned_evaluations(settings, None)
+        fixed = [(eval_noise, 1.0, plan_evaluations)] if plan_evaluations else []
+        noise = skellam_noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=plan_delta,
                                              sample_rate=sample_rate, steps=settings.num_server_rounds,
                                              l2_sensitivity=l2, l1_sensitivity=l1, fixed_history=fixed)  # fmt: skip
     return Calibration(run=settings.run_name, unit=settings.privacy_unit, population=int(population),
