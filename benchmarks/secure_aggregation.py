@@ -37,7 +37,11 @@ import time
 
 import torch
 
+from fedtower.client.private_round import default_delta, planned_evaluations
 from fedtower.config import RunSettings
+from fedtower.privacy.quantization import l1_bound
+from fedtower.privacy.skellam import skellam_noise_multiplier_for
+from fedtower.server.federation import initial_item_tower
 from fedtower.simulations.in_process import simulate_in_process
 
 SITES = {"allow-raw-evaluation": True, "allow-plaintext-state": True}
@@ -60,6 +64,27 @@ def run(config: dict, name: str, out: str, site_config: dict | None = None) -> d
                                         / max(1, rounds)}  # fmt: skip
 
 
+# The table learning rate of the federation-wide step, fixed in advance from calibration runs on synthetic
+# seed 1 (notes/secure-aggregation-calibration.jsonl; the figures are reported on seed 0): at epsilon 4
+# (z 1.81) lr 10 beat 5 and 20; at epsilon 1 (z 16.6) lr 1.1 beat 3 and 10. So keep the noise each step
+# adds to a table row about constant, lr x z = 18, and never above 10.
+TABLE_LR_TIMES_Z, MAX_TABLE_LR = 18.0, 10.0
+
+
+def planned_noise_multiplier(config: dict) -> float:
+    """The z every site will plan for this run config (the same public computation as the clients')."""
+    settings = RunSettings.from_run_config(config)
+    length = sum(array.numpy().size for array in initial_item_tower(settings).values())
+    evaluations = planned_evaluations(settings, None)
+    fixed = [(settings.dp_eval_noise_multiplier, 1.0, evaluations)] if evaluations else []
+    users = settings.dp_federation_users
+    return skellam_noise_multiplier_for(
+        target_epsilon=settings.target_epsilon, target_delta=settings.target_delta or default_delta(users),
+        sample_rate=min(1.0, settings.dp_batch_size / users), steps=settings.num_server_rounds,
+        l2_sensitivity=settings.secagg_scale, l1_sensitivity=l1_bound(settings.secagg_scale, length),
+        fixed_history=fixed)  # fmt: skip
+
+
 def quality(args, out: str) -> dict:
     users = args.users
     common = {"data": f"synthetic:users={users},items={args.quality_items},seed={args.data_seed}",
@@ -72,7 +97,7 @@ def quality(args, out: str) -> dict:
     rounds = args.secure_rounds
     secure_base = {**common, "num-server-rounds": rounds, "eval-every": rounds, "secure-aggregation": True,
                    "dp-federation-users": users, "dp-batch-size": args.secure_batch,
-                   "dp-table-lr": args.secure_table_lr, "lr": args.secure_lr,
+                   "dp-table-lr": args.secure_table_lr or MAX_TABLE_LR, "lr": args.secure_lr,
                    "max-grad-norm": args.secure_max_grad_norm,
                    # z is planned from the run config alone, counting every planned evaluation as a DP one;
                    # these sites release exact sums instead (allow-raw-evaluation), so make that plan free.
@@ -82,13 +107,19 @@ def quality(args, out: str) -> dict:
         per_site = run({**per_site_base, "target-epsilon": epsilon}, f"per-site-{epsilon:g}", out,
                        {"dp-population-users": users // args.sites},
                        ) if not args.skip_per_site else None  # fmt: skip
-        secure = run({**secure_base, "target-epsilon": epsilon}, f"federation-{epsilon:g}", out)
+        secure_config = {**secure_base, "target-epsilon": epsilon}
+        z = planned_noise_multiplier(secure_config)
+        if args.secure_table_lr is None:
+            secure_config["dp-table-lr"] = min(MAX_TABLE_LR, TABLE_LR_TIMES_Z / z)
+        secure = run(secure_config, f"federation-{epsilon:g}", out)
         table[f"{epsilon:g}"] = {"federation_wide": secure["ndcg@20"],
                                  "per_site": per_site["ndcg@20"] if per_site else None,
                                  "non_private": twin["ndcg@20"],
                                  "federation_wide_epsilon_spent": secure["epsilon_spent"],
                                  "per_site_epsilon_spent": per_site["epsilon_spent"] if per_site else None,
-                                 "federation_wide_seconds": secure["seconds"]}  # fmt: skip
+                                 "federation_wide_seconds": secure["seconds"],
+                                 "federation_wide_noise_multiplier": z,
+                                 "federation_wide_table_lr": secure_config["dp-table-lr"]}  # fmt: skip
         log(f"epsilon {epsilon:g}: federation-wide {secure['ndcg@20']:.4f} (spent {secure['epsilon_spent']:.3f}, "
             f"{secure['seconds']:.0f}s)" + (f", per-site {per_site['ndcg@20']:.4f}" if per_site else ""))
     return {"ndcg@20": table, "non_private": twin, "settings": {"secure": secure_base, "per_site": per_site_base}}
@@ -133,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--secure-rounds", type=int, default=130)
     parser.add_argument("--secure-batch", type=int, default=1600)
-    parser.add_argument("--secure-table-lr", type=float, default=10.0)
+    parser.add_argument("--secure-table-lr", type=float, default=None,
+                        help="default: min(10, 18 / z), z the run's planned noise multiplier")
     parser.add_argument("--secure-lr", type=float, default=6e-3)
     parser.add_argument("--secure-max-grad-norm", type=float, default=1.0)
     parser.add_argument("--skip-per-site", action="store_true")
