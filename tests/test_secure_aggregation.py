@@ -253,3 +253,24 @@ def test_a_ray_simulation_aborts_a_round_that_loses_one_site_too_many(tmp_path):
         np.testing.assert_array_equal(before[key], after[key])
     summary = (run_path / "summary.txt").read_text()
     assert "1 round(s) aborted" in summary and "fewer than the threshold" in summary
+
+
+def test_a_coordinator_that_knows_the_run_config_and_seed_cannot_reproduce_a_sites_input(tmp_path, recorded):
+    # Prepare: the coordinator's view: the same run config and seed, run twice (it can rerun anything offline).
+    first = secure_config(tmp_path / "a", "same", **{"num-server-rounds": 1, "eval-every": 1})
+    second = secure_config(tmp_path / "b", "same", **{"num-server-rounds": 1, "eval-every": 1})
+    # Execute
+    simulate_in_process(first, site_config=SITES)
+    simulate_in_process(second, site_config=SITES)
+    # Assert: every site's pre-mask input (its users' quantized sum plus its noise share) differs between the
+    # two runs by about its noise share: the sampling, rounding and noise come from the OS, not the config.
+    inputs = [decode_signed(v).astype(np.float64) for _, v in recorded["inputs"]]
+    assert len(inputs) == 6
+    share_std = math.sqrt(2 * (1.0 * 1024) ** 2 / (2 * 2))  # z D2 / sqrt(t): this run's noise share
+    for a, b in zip(inputs[:3], inputs[3:], strict=True):
+        difference = a - b
+        assert not np.array_equal(a, b)
+        assert 0.9 * math.sqrt(2) * share_std < difference.std() < 1.5 * math.sqrt(2) * share_std
+    # ... and so do the sums it unmasks.
+    first_total, second_total = recorded["totals"]
+    assert not np.array_equal(first_total, second_total)

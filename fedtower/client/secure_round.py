@@ -226,7 +226,7 @@ def _record_input(state, server_round: int, share) -> None:
 
 
 def _state_payload(settings: RunSettings, server_round: int, site: SecAggSite, *, masked: bool) -> dict:
-    secrets = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in site.state_dict().items()}
+    secrets = {k: base64.b64encode(v).decode() for k, v in site.state_dict().items()}  # every field is bytes
     return {"run": settings.run_name, "round": server_round, "masked": masked, "site": secrets}
 
 
@@ -239,12 +239,8 @@ def _load(state, settings: RunSettings, server_round: int, stage: str) -> tuple[
     if not saved or saved.get("run") != settings.run_name or saved.get("round") != server_round:
         raise ValueError(f"Secure-aggregation stage {stage!r} of round {server_round} arrived, but this site holds no "
                          "setup for that round (it restarted, or the coordinator skipped a stage).")  # fmt: skip
-    secrets = {k: base64.b64decode(v) if isinstance(v, str) and k in _BYTES_FIELDS else v
-               for k, v in saved["site"].items()}  # fmt: skip
+    secrets = {k: base64.b64decode(v) for k, v in saved["site"].items()}
     return SecAggSite.from_state_dict(secrets), bool(saved.get("masked"))
-
-
-_BYTES_FIELDS = frozenset(SecAggSite.STATE_FIELDS)  # every field of the protocol's state is bytes
 
 
 def shares_to_config(shares: dict[str, list]) -> dict[str, list]:

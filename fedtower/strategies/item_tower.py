@@ -222,6 +222,8 @@ class ItemTowerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         current = self.global_round(server_round)
+        # An inner strategy whose replies are not item towers (masked vectors) validates them itself.
+        inner_checks = getattr(self.inner, "checks_replies", False)
         accepted = []
         for message in replies:
             if message.has_error():
@@ -240,15 +242,14 @@ class ItemTowerStrategy(Strategy):
                 self.exhausted.add(node)
                 log.info("Round %d: node %d has spent its privacy budget and did not train.", current, node)
                 continue
-            # An inner strategy whose replies are not item towers (masked vectors) validates them itself.
-            problem = None if getattr(self.inner, "checks_replies", False) else reply_problem(message, self.expected_arrays)
+            problem = None if inner_checks else reply_problem(message, self.expected_arrays)
             if problem is None:
                 accepted.append(message)
             else:
                 self.rejected.append((current, node, problem))
                 log.warning("Round %d: rejected the reply of node %d: %s", current, node, problem)
         arrays, metrics = None, None
-        if getattr(self.inner, "checks_replies", False):
+        if inner_checks:
             arrays, metrics = self.inner.aggregate_train(current, accepted)  # it may abort, or reach sites itself
         elif any(not m.has_error() for m in accepted):
             arrays, metrics = self.inner.aggregate_train(current, accepted)
