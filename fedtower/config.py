@@ -19,6 +19,10 @@ EMBEDDING_PATHS = ("sparse", "opacus")
 EXACT_TABLE_OPTIMIZERS = ("sgd",)  # lazily drawn noise matches dense DP-SGD only for these
 OPACUS_TABLE_OPTIMIZERS = ("sgd", "adam")
 CLIENT_DP_MODES = ("off", "server-side", "client-side")
+# How a DP run builds the item tower: "sgd" (DP-SGD rounds) or "spectral" (three Gaussian releases of
+# bounded per-user statistics and a tower built from them, fedtower.privacy.spectral).
+DP_MECHANISMS = ("sgd", "spectral")
+SPECTRAL_ROUNDS = 3
 
 
 def check_embedding_path(path: str, table_optimizer: str) -> None:
@@ -82,6 +86,7 @@ class RunSettings:
     # Differential privacy on each client (Opacus, RDP accountant). DP is on when
     # noise-multiplier > 0 or target-epsilon > 0.
     privacy_unit: str = "user"  # user: one user's whole history | interaction: one event
+    dp_mechanism: str = "sgd"  # sgd: DP-SGD every round | spectral: a DP item tower in three releases
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0  # calibrate the noise once for the planned rounds and epochs
     target_delta: float = 0.0  # 0 -> 1 / (10 x the site's public population); within the site's max-delta
@@ -141,6 +146,18 @@ class RunSettings:
                 raise ValueError(f"{_kebab(name)} must be between 0 and 1, got {getattr(self, name)}.")
         if self.privacy_unit not in PRIVACY_UNITS:
             raise ValueError(f"privacy-unit must be one of {PRIVACY_UNITS}, got {self.privacy_unit!r}.")
+        if self.dp_mechanism not in DP_MECHANISMS:
+            raise ValueError(f"dp-mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}.")
+        if self.dp_mechanism == "spectral":
+            if self.num_server_rounds != SPECTRAL_ROUNDS:
+                raise ValueError(
+                    "dp-mechanism = \"spectral\" builds the item tower in exactly three rounds (a DP item "
+                    "histogram, a DP co-occurrence matrix of the head items, a DP choice among three weightings); "
+                    f"set num-server-rounds = 3, got {self.num_server_rounds}."
+                )
+            if self.secure_aggregation or self.client_dp != "off":
+                raise ValueError("dp-mechanism = \"spectral\" runs per-site DP: it does not combine with "
+                                 "secure-aggregation or client-dp yet.")  # fmt: skip
         if self.client_dp not in CLIENT_DP_MODES:
             raise ValueError(f"client-dp must be one of {CLIENT_DP_MODES}, got {self.client_dp!r}.")
         for name in ("noise_multiplier", "target_epsilon", "target_delta", "max_epsilon"):
@@ -219,6 +236,11 @@ class RunSettings:
     @property
     def dp_enabled(self) -> bool:
         return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+    @property
+    def spectral(self) -> bool:
+        """A DP run whose item tower is the spectral one (no DP-SGD)."""
+        return self.dp_enabled and self.dp_mechanism == "spectral"
 
     @property
     def run_dir(self) -> Path:

@@ -44,6 +44,7 @@ from fedtower.client.private_round import (
 )
 from fedtower.client.rollback import SEQUENCE_KEY, RollbackCounter
 from fedtower.client.secure_round import secure_train
+from fedtower.client.spectral_round import spectral_train
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
 from fedtower.metrics import RankingSums
@@ -163,6 +164,8 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
             "sends each site's update in the clear: refusing to train. Ask the coordinator for a run with "
             "secure-aggregation = true."
         )
+    if settings.spectral:
+        return spectral_train(message, context, settings, node, open_state(settings, node))
     config: ConfigRecord = message.content["config"]
     server_round = int(config.get("server-round", 0))
     state = open_state(settings, node)
@@ -296,7 +299,7 @@ class _PrivateRound:
             self.count, delta=self.calibration.delta) > self.cap * (1 + EPSILON_SLACK)
 
     def entry(self, plan: ReleasePlan, *, status: str, added: list, mechanism: str = "none",
-              max_grad_norm: float | None = None, trust: str = "") -> LedgerEntry:  # fmt: skip
+              max_grad_norm: float | None = None, trust: str = "", release: str = "") -> LedgerEntry:  # fmt: skip
         calibration, accountant = self.calibration, self.accountant
         own = plan.own
         # A tagged entry is ["skellam", z, q, ...]; a Gaussian one (z, q, steps).
@@ -333,6 +336,7 @@ class _PrivateRound:
             raw_evaluation=self.node.allow_raw_evaluation,
             hooks=self.node.hooks,
             **({"trust": trust} if trust else {}),
+            **({"release": release} if release else {}),
         )
 
     def pending_count(self) -> list:
@@ -431,7 +435,9 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
         data = load_node_data(settings, node)
         model = build_model(settings, data.catalogue, len(data.users))
         load_global_item_tower(model, message.content["arrays"])
-        interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
+        # Interaction-level DP-SGD scores with the DP user table alone; the spectral tower pools every
+        # user's own history (on the client, post-processing of the released tower).
+        interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction" and not settings.spectral
         load_user_embeddings(model, data.users, state.load(DP_USERS if interaction_dp else "users", default=None))
         model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
         sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,

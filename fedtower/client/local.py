@@ -23,6 +23,7 @@ from fedtower.data.prepared import PreparedSplit, prepare_split
 from fedtower.data.schema import Catalogue, Dataset, empty_events
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
+from fedtower.privacy.spectral import SpectralLayout
 from fedtower.simulations.partition import PartitionConfig, partition_events
 
 log = logging.getLogger("fedtower.client")
@@ -151,7 +152,14 @@ def pick_device(setting: str) -> torch.device:
 
 
 def model_config(settings: RunSettings, catalogue: Catalogue, num_users: int) -> TwoTowerConfig:
-    """The one model shape every party derives from the public catalogue and run config."""
+    """The one model shape every party derives from the public catalogue and run config.
+
+    The spectral DP tower (fedtower.privacy.spectral) carries the public content in a block of its id
+    table instead of a content MLP, and the user vector's blocks are each of unit length."""
+    if settings.spectral:
+        layout = SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features)
+        return TwoTowerConfig(num_items=len(catalogue), num_users=num_users, dim=settings.dim, content_dim=0,
+                              pooling=settings.pooling, user_blocks=layout.blocks)  # fmt: skip
     return TwoTowerConfig(
         num_items=len(catalogue),
         num_users=num_users,
@@ -162,8 +170,9 @@ def model_config(settings: RunSettings, catalogue: Catalogue, num_users: int) ->
 
 
 def build_model(settings: RunSettings, catalogue: Catalogue, num_users: int) -> TwoTower:
-    content = None if catalogue.features is None else torch.from_numpy(catalogue.features)
-    return TwoTower(model_config(settings, catalogue, num_users), content)
+    config = model_config(settings, catalogue, num_users)
+    content = None if catalogue.features is None or not config.content_dim else torch.from_numpy(catalogue.features)
+    return TwoTower(config, content)
 
 
 def load_user_embeddings(model: TwoTower, users: list[str], saved: dict | None) -> None:

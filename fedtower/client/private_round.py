@@ -38,6 +38,7 @@ from fedtower.privacy.accounting import ClientAccountant, HistoryEntry, compose,
 from fedtower.privacy.quantization import l1_bound
 from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.skellam import skellam_noise_multiplier_for
+from fedtower.privacy.spectral import noise_multipliers
 
 log = logging.getLogger("fedtower.client")
 
@@ -67,7 +68,8 @@ class Calibration:
     planned_evaluations: int
     format: int = CALIBRATION_FORMAT
     # "gaussian": this site's own DP-SGD (per-site DP); "skellam": one federation-wide step per round under
-    # secure aggregation, whose integer updates have these L2 / L1 bounds (integer units).
+    # secure aggregation, whose integer updates have these L2 / L1 bounds (integer units); "spectral": the
+    # three Gaussian releases of the spectral item tower, together of multiplier noise_multiplier.
     mechanism: str = "gaussian"
     l2_units: int = 0
     l1_units: float = 0.0
@@ -149,6 +151,8 @@ def calibrate(
     count: list[HistoryEntry] = []
     if calibration is not None and calibration.secure != settings.secure_aggregation:
         calibration = None
+    if calibration is not None and (calibration.mechanism == "spectral") != settings.spectral:
+        calibration = None
     if calibration is None or calibration.run != settings.run_name or calibration.unit != unit:
         population, source = node.declared_population(unit), "declared"
         if settings.secure_aggregation:
@@ -169,8 +173,12 @@ def calibrate(
 
 
 def _new_calibration(settings, node, accountant, population, source, count) -> Calibration:
-    sample_rate = min(1.0, settings.dp_batch_size / population)
-    steps = max(1, math.ceil(settings.local_epochs / sample_rate))
+    spectral = settings.spectral
+    # The spectral tower's three releases are one Gaussian release (q = 1, one step) of multiplier z,
+    # split between them (fedtower.privacy.spectral.noise_multipliers).
+    sample_rate = 1.0 if spectral else min(1.0, settings.dp_batch_size / population)
+    steps = 1 if spectral else max(1, math.ceil(settings.local_epochs / sample_rate))
+    planned_steps = 1 if spectral else steps * settings.num_server_rounds
     delta = settings.target_delta or min(default_delta(population), node.max_delta or 1.0)
     evaluations = planned_evaluations(settings, node)
     eval_noise = settings.dp_eval_noise_multiplier
@@ -181,12 +189,12 @@ def _new_calibration(settings, node, accountant, population, source, count) -> C
         # and the planned DP evaluations.
         fixed = compose(accountant.history, count + ([(eval_noise, 1.0, evaluations)] if evaluations else []))
         noise = noise_multiplier_for(target_epsilon=settings.target_epsilon, target_delta=delta,
-                                     sample_rate=sample_rate, steps=steps * settings.num_server_rounds,
-                                     fixed_history=fixed)  # fmt: skip
+                                     sample_rate=sample_rate, steps=planned_steps, fixed_history=fixed)  # fmt: skip
     return Calibration(run=settings.run_name, unit=settings.privacy_unit, population=int(population),
                        population_source=source, sample_rate=sample_rate, steps_per_round=steps,
                        batch_divisor=max(1.0, sample_rate * population), delta=delta, noise_multiplier=noise,
-                       eval_noise_multiplier=eval_noise, planned_evaluations=evaluations)  # fmt: skip
+                       eval_noise_multiplier=eval_noise, planned_evaluations=evaluations,
+                       mechanism="spectral" if spectral else "gaussian")  # fmt: skip
 
 
 def _new_secure_calibration(settings, node, population, vector_length) -> Calibration:
@@ -294,6 +302,14 @@ def plan_training(calibration: Calibration, accountant: ClientAccountant, count:
         return plan_release(calibration, accountant, count, skellam_entry(calibration), cap, steps=1)
     own = (calibration.noise_multiplier, calibration.sample_rate, calibration.steps_per_round)
     return plan_release(calibration, accountant, count, own, cap, steps=calibration.steps_per_round)
+
+
+def plan_spectral(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
+                  cap: float, release: str) -> ReleasePlan:  # fmt: skip
+    """One of the spectral tower's three releases: a Gaussian release (q = 1, one step) at its share's
+    noise multiplier."""
+    own = (noise_multipliers(calibration.noise_multiplier)[release], 1.0, 1)
+    return plan_release(calibration, accountant, count, own, cap, steps=1)
 
 
 def plan_evaluation(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],

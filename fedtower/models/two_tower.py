@@ -34,6 +34,9 @@ class TwoTowerConfig:
     recency: float = 3.0  # pooling weight exp(recency * (pos - last) / length): newer counts more
     item_bias: bool = True
     init_std: float = 0.05
+    # Widths of blocks of the pooled user vector that are each scaled to unit length (() = none); they
+    # sum to dim. The spectral DP item tower's spectral and content blocks (fedtower.privacy.spectral).
+    user_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -46,6 +49,9 @@ class TwoTowerConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
         if not self.recency >= 0:  # also rejects NaN
             raise ValueError(f"recency must be non-negative, got {self.recency}.")
+        self.user_blocks = tuple(int(b) for b in self.user_blocks)
+        if self.user_blocks and (sum(self.user_blocks) != self.dim or min(self.user_blocks) < 1):
+            raise ValueError(f"user_blocks {self.user_blocks} must be positive widths that sum to dim = {self.dim}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,12 +144,20 @@ class UserTower(nn.Module):
             logits = logits.masked_fill(history_mask <= 0, float("-inf"))
             attention = torch.nan_to_num(torch.softmax(logits, dim=-1)) * (weights > 0)
             pooled = (attention.unsqueeze(-1) * history_vectors).sum(1)
+        if self.config.user_blocks:
+            pooled = unit_blocks(pooled, self.config.user_blocks)
         return pooled + free
 
     def free_vectors(self, user_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         if self.embedding is None or user_ids is None:
             return like.new_zeros(like.shape[0], like.shape[-1])
         return self.embedding(user_ids)
+
+
+def unit_blocks(vectors: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
+    """B x d -> B x d with each block of columns scaled to unit L2 norm (an all-zero block stays zero)."""
+    parts = vectors.split(list(widths), dim=-1)
+    return torch.cat([F.normalize(part, dim=-1, eps=1e-12) for part in parts], dim=-1)
 
 
 def recency_weights(mask: torch.Tensor, recency: float) -> torch.Tensor:

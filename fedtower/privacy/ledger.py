@@ -75,7 +75,8 @@ UNITS: tuple[str, ...] = ("user", "interaction", "client")
 STATUSES: tuple[str, ...] = ("trained", "budget-exhausted", "evaluated", "raw-evaluation")
 # skellam: the distributed Skellam mechanism under secure aggregation (its trust assumptions in `trust`).
 MECHANISMS: tuple[str, ...] = ("dp-sgd", "gaussian", "skellam", "none")
-RELEASES: tuple[str, ...] = ("item-tower", "evaluation-sums", "raw-evaluation", "nothing")
+# item-statistics: one of the spectral DP tower's sums (fedtower.privacy.spectral), released instead of a tower.
+RELEASES: tuple[str, ...] = ("item-tower", "item-statistics", "evaluation-sums", "raw-evaluation", "nothing")
 WEIGHTS: tuple[str, ...] = ("constant", "examples")
 ACCOUNTANTS: tuple[str, ...] = ("rdp",)
 ADJACENCY = {"user": "add-or-remove-one-user", "interaction": "add-or-remove-one-event",

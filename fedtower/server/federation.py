@@ -17,7 +17,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from fedtower.central import popularity_baseline
 from fedtower.client.local import build_model, cached_dataset
+from fedtower.data.prepared import prepare_split
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import (
     LedgerMonitor,
@@ -28,7 +30,7 @@ from fedtower.privacy.ledger import (
     ledger_line_of,
     plot_epsilon,
 )
-from fedtower.server.report import plot_metrics, summary_table
+from fedtower.server.report import plot_metrics, reference_table, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.client_dp import (
     accountant_state,
@@ -45,7 +47,9 @@ from fedtower.strategies.item_tower import (
     restore_strategy_state,
     strategy_state,
 )
+from fedtower.privacy.spectral import SpectralLayout, content_block
 from fedtower.strategies.secure_dp import SecureDPStep
+from fedtower.strategies.spectral import SpectralItemTower
 
 log = logging.getLogger("fedtower.server")
 
@@ -101,6 +105,16 @@ def secure_dp_step(settings: RunSettings) -> SecureDPStep:
                         min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip
 
 
+def spectral_item_tower(settings: RunSettings) -> SpectralItemTower:
+    """The spectral DP item tower (run config dp-mechanism = "spectral"), from the public catalogue."""
+    catalogue = cached_dataset(settings.data).catalogue
+    return SpectralItemTower(layout=SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features),
+                             num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)),
+                             min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
+                             fraction_evaluate=settings.fraction_evaluate,
+                             min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip
+
+
 def secure_summary(strategy: SecureDPStep) -> str:
     """Mode, threshold, aborted rounds and the noise each site added, for the run summary."""
     lines = ["Privacy mode: federation-wide user-level DP under secure aggregation (Skellam noise shares)",
@@ -111,6 +125,22 @@ def secure_summary(strategy: SecureDPStep) -> str:
     if noise:
         lines += ["Noise share each site added (std of its Skellam noise per coordinate):", noise]
     return "\n".join(lines)
+
+
+def same_split_references(settings: RunSettings) -> dict[str, dict[str, float]]:
+    """Popularity (most popular first over every user's training items) on the run's own split, when the
+    server holds the run's events: a simulation, whose data is the union of the sites'. A deployed server
+    holds the public catalogue only, and gets nothing here. Non-private: a reference, never released."""
+    try:
+        dataset = cached_dataset(settings.data)
+    except (OSError, ValueError) as err:
+        log.info("No popularity reference: %s", err)
+        return {}
+    if dataset.events is None or len(dataset.events) == 0:
+        return {}
+    metrics = popularity_baseline(prepare_split(dataset), k=settings.k).finalize()
+    return {"popularity": {key: float(metrics[key]) for key in (f"ndcg@{settings.k}", f"recall@{settings.k}",
+                                                                f"precision@{settings.k}", "mrr")}}  # fmt: skip
 
 
 def client_population(grid: Grid, settings: RunSettings) -> int:
@@ -149,6 +179,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         inner = client_level_dp(grid, settings, inner)
     if settings.secure_aggregation:
         inner = optimizer_strategy = secure_dp_step(settings)
+    if settings.spectral:
+        inner = optimizer_strategy = spectral_item_tower(settings)
     offset = 0
     monitor = LedgerMonitor()  # each node's last accepted privacy history, to refuse one that went back
     checkpoint = run_dir.load_latest_checkpoint() if settings.resume else None
@@ -237,13 +269,19 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         except (FederationFinished, PrivacyBudgetExhausted) as reason:
             log.warning("The run ends early: %s", reason)
     history = run_dir.history()
-    plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"))
+    references = same_split_references(settings)
+    plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"), references=references)
     keys = [key.format(k=settings.k) for key in (DP_SUMMARY_KEYS if settings.dp_enabled else SUMMARY_KEYS)]
     table = summary_table(history, keys=keys)
+    compared = reference_table(history, references, [f"ndcg@{settings.k}", f"recall@{settings.k}"])
+    if compared:
+        table += "\n\n" + compared
     entries = ledger.entries()
     if entries:
         plot_epsilon(entries, run_dir.plot_path("epsilon"))
         table += "\n\nPrivacy (final epsilon per client; see privacy_ledger.jsonl)\n" + epsilon_table(entries)
+    if settings.spectral:
+        table += "\n\n" + inner.report()
     if settings.secure_aggregation:
         table += "\n\n" + secure_summary(inner)
     elif settings.dp_enabled and settings.client_dp == "off":
@@ -251,5 +289,5 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
                   "the coordinator sees each update)")  # fmt: skip
     run_dir.write_summary(table)
     log.info("Finished %s in %.1fs.\n%s", settings.run_name, time.perf_counter() - started, table)
-    return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected,
+    return {"run_dir": str(run_dir.path), "history": history, "rejected": strategy.rejected, "references": references,
             "ledger": entry_dicts(entries), "exhausted": sorted(strategy.exhausted)}  # fmt: skip

@@ -69,12 +69,15 @@ _LOWER_IS_BETTER = re.compile(r"loss")
 
 
 def plot_metrics(
-    history: Sequence[dict[str, Any]], out_dir: str | Path, *, phases: Iterable[str] = ("evaluate",)
+    history: Sequence[dict[str, Any]], out_dir: str | Path, *, phases: Iterable[str] = ("evaluate",),
+    references: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:
     """One PNG per metric group (METRIC_GROUPS) that has data in the given phases.
 
     Metrics that are absent or NaN in every round are skipped, and so is a group
-    left with nothing to draw. Returns the paths written, in METRIC_GROUPS order.
+    left with nothing to draw. `references` ({"popularity": {"ndcg@20": ...}})
+    are drawn as dashed horizontal lines next to the metrics they name.
+    Returns the paths written, in METRIC_GROUPS order.
     """
     phases = (phases,) if isinstance(phases, str) else tuple(phases)
     out_dir = Path(out_dir)
@@ -90,6 +93,10 @@ def plot_metrics(
                 if np.isfinite(values).any():
                     label = name if len(phases) == 1 else f"{name} ({phase})"
                     lines.append((label, rounds, values))
+                    for reference, metrics in (references or {}).items():
+                        if phase == "evaluate" and np.isfinite(metrics.get(name, math.nan)):
+                            flat = np.full(len(rounds), metrics[name])
+                            lines.append((f"{name} ({reference}, same split)", rounds, flat, True))
         if lines:
             title = f"{group.title} per round" + (f" ({phases[0]})" if len(phases) == 1 else "")
             path = out_dir / f"{group.name}.png"
@@ -98,12 +105,16 @@ def plot_metrics(
     return written
 
 
-def _render_png(title: str, y_label: str, lines: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
+def _render_png(title: str, y_label: str, lines: list[tuple]) -> bytes:
+    """Lines are (label, rounds, values) or (label, rounds, values, True) for a dashed reference."""
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, rounds, values in lines:
-        axes.plot(rounds, values, marker="o", markersize=3, label=label)  # NaN leaves a gap
+    for label, rounds, values, *reference in lines:
+        if reference and reference[0]:
+            axes.plot(rounds, values, linestyle="--", linewidth=1.2, label=label)
+        else:
+            axes.plot(rounds, values, marker="o", markersize=3, label=label)  # NaN leaves a gap
     axes.set_title(title)
     axes.set_xlabel("server round")
     axes.set_ylabel(y_label)
@@ -140,6 +151,32 @@ def summary_table(
         table_rows.append([name, _format_value(last.get(name)), _format_value(best_value), best_round_text])
     title = f"{phase.capitalize()} metrics at the last round ({last['round']}) and the best round of each"
     return render_table(["metric", f"round {last['round']}", "best", "best round"], table_rows, title)
+
+
+def reference_table(history: Sequence[dict[str, Any]], references: dict[str, dict[str, float]],
+                    keys: Sequence[str]) -> str:
+    """The model's last evaluation next to each reference on the same split, as a ratio; says so loudly when
+    the model is below a reference on the first key."""
+    rows = _rows_of_phase(history, "evaluate")
+    if not rows or not references:
+        return ""
+    last = rows[-1]
+    headers = ["metric", "model"] + [f"{name}" for name in references] + [f"model / {name}" for name in references]
+    table_rows = []
+    for key in keys:
+        model = _as_float(last.get(key))
+        values = [_as_float(metrics.get(key)) for metrics in references.values()]
+        ratios = [model / v if v > 0 and math.isfinite(model) else math.nan for v in values]
+        table_rows.append([key, _format_value(model)] + [_format_value(v) for v in values]
+                          + [_format_value(r) if math.isfinite(r) else _ABSENT for r in ratios])  # fmt: skip
+    text = render_table(headers, table_rows, f"The model (round {last['round']}) against references on the same split")
+    first = keys[0]
+    for name, metrics in references.items():
+        if _as_float(last.get(first)) < _as_float(metrics.get(first)):
+            text += (f"\nWARNING: the model's {first} is below {name} on the same split: it recommends worse than "
+                     f"a non-personal {name} list. Under DP, see README 'DP quality' for the presets and the "
+                     "spectral item tower.")  # fmt: skip
+    return text
 
 
 def rounds_table(history: Sequence[dict[str, Any]], keys: Sequence[str], *, phase: str = "evaluate") -> str:

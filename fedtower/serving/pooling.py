@@ -37,12 +37,23 @@ def pooling_weights(
 
 
 def user_vector(
-    history_vectors: np.ndarray, free: np.ndarray, *, recency: float, pooling: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(user vector, pooling weights)."""
+    history_vectors: np.ndarray, free: np.ndarray, *, recency: float, pooling: str,
+    blocks: tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(user vector, pooling weights). With `blocks` (TwoTowerConfig.user_blocks) each block of the pooled
+    vector is scaled to unit length, and the weights carry each block's scale only approximately (they are
+    the recency weights; explanations rank history items by them)."""
     weights = pooling_weights(history_vectors, free, recency=recency, pooling=pooling)
     pooled = weights @ history_vectors if len(history_vectors) else np.zeros_like(free)
+    if blocks:
+        pooled = unit_blocks(pooled, blocks)
     return (pooled + free).astype(np.float32), weights
+
+
+def unit_blocks(vector: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+    """Each block of columns scaled to unit L2 norm; an all-zero block stays zero (as two_tower.unit_blocks)."""
+    parts = np.split(np.asarray(vector, dtype=np.float64), np.cumsum(widths)[:-1])
+    return np.concatenate([p / max(float(np.linalg.norm(p)), 1e-12) for p in parts])
 
 
 def refit_free(

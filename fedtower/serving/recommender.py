@@ -171,9 +171,9 @@ class Recommender:
             split = data.split
             histories[user] = np.concatenate([split.train.items_of(row), split.test.items_of(row)])
             weights[user] = np.concatenate([split.train.weights_of(row), split.test.weights_of(row)])
-        interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction"
-        recency = model_config(settings, data.catalogue, 0).recency
-        config = ServingConfig(history_len=settings.history_len, recency=recency,
+        interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction" and not settings.spectral
+        shape = model_config(settings, data.catalogue, 0)
+        config = ServingConfig(history_len=settings.history_len, recency=shape.recency, user_blocks=shape.user_blocks,
                                pooling=settings.pooling, pool_history=not interaction_dp,
                                precision=precision, user_l2=settings.user_l2)  # fmt: skip
         sync = StateSync(store, settings, data.catalogue, precision, versions)
@@ -200,7 +200,8 @@ class Recommender:
             free = (embedding.weight.detach().cpu().numpy() if embedding is not None
                     else np.zeros((len(histories), model.config.dim)))  # fmt: skip
         users = list(histories.users)
-        config = config or ServingConfig(recency=model.config.recency, pooling=model.config.pooling)
+        config = config or ServingConfig(recency=model.config.recency, pooling=model.config.pooling,
+                                         user_blocks=model.config.user_blocks)
         return cls(catalogue=catalogue, item_vectors=vectors.cpu().numpy(), item_bias=bias.cpu().numpy(),
                    users=users, free=free[: len(users)],
                    histories={u: histories.items_of(r) for r, u in enumerate(users)},
@@ -257,7 +258,7 @@ class Recommender:
         """(user vector, pooled history rows, their pooling weights)."""
         recent = self._recent(rows)
         vector, weights = user_vector(self.table.vectors[recent], free, recency=self.config.recency,
-                                      pooling=self.config.pooling)  # fmt: skip
+                                      pooling=self.config.pooling, blocks=self.config.user_blocks)  # fmt: skip
         return vector, recent, weights
 
     # ------------------------------------------------------------------ recommend

@@ -102,7 +102,8 @@ class ServingConfig:
     history_len: int = 200
     recency: float = 3.0
     pooling: str = "mean"
-    pool_history: bool = True  # False for interaction-level DP models (free embedding only)
+    pool_history: bool = True  # False for interaction-level DP-SGD models (free embedding only)
+    user_blocks: tuple[int, ...] = ()  # the model's TwoTowerConfig.user_blocks (the spectral DP tower)
     precision: str = "fp32"  # "fp32" | "fp16" | "int8": how the item table is held and scored
     rerank_pool: int = 200  # candidates MMR and category caps choose from (at least 10 x k)
     update_steps: int = 5  # record(): gradient steps on the user's own row

@@ -118,6 +118,8 @@ def strategy_state(inner: Strategy) -> dict[str, np.ndarray]:
             state[f"{attr}/{key}"] = np.asarray(value)
     for i, value in enumerate(getattr(inner, "momentum_vector", None) or []):
         state[f"momentum_vector/{i}"] = np.asarray(value)
+    if hasattr(inner, "checkpoint_state"):  # a strategy with state of its own (the spectral tower's sums)
+        state.update(inner.checkpoint_state())
     return state
 
 
@@ -131,6 +133,8 @@ def restore_strategy_state(inner: Strategy, state: dict[str, np.ndarray]) -> Non
     )
     if momentum:
         inner.momentum_vector = [v for _, v in momentum]
+    if hasattr(inner, "load_checkpoint_state"):
+        inner.load_checkpoint_state(state)
 
 
 class FederationFinished(Exception):

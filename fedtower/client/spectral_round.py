@@ -1,0 +1,168 @@
+"""A site's side of the spectral DP item tower (run config dp-mechanism = "spectral").
+
+Three rounds, told apart by the train config key `spectral-release`; in each
+the site releases one sum over its users with Gaussian noise from its secure
+source and charges it to its accountant (fedtower.privacy.spectral):
+
+1. "histogram": every catalogue item (the release is dense: an item nobody
+   here touched gets noise like any other).
+2. "cooccurrence": the head items the coordinator chose from the noisy
+   histogram sum (`spectral-head`, public post-processing).
+3. "selection": the tower built from the first two (the round's arrays) and
+   the candidate weightings (`spectral-candidates`): for each, the sum of the
+   users' NDCG@k on their own latest training items.
+
+User unit: the first two releases use each user's training items without the
+latest share the selection scores (`selection_split`), so the selection is not
+scored on items the tower was built from. Interaction unit: they use every
+training item (moving one event across that boundary would change two of the
+user's items, doubling the sensitivity).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedtower.client.local import build_model, load_node_data, serving_meta
+from fedtower.client.node_settings import NodeSettings
+from fedtower.client.private_round import plan_spectral
+from fedtower.config import RunSettings
+from fedtower.data.prepared import UserHistories
+from fedtower.models.training import evaluate
+from fedtower.privacy.ledger import signed_to_config_record
+from fedtower.privacy.spectral import (
+    HEAD_MAX,
+    RELEASES,
+    SpectralLayout,
+    reweighted,
+    selection_split,
+    sensitivity,
+    user_cooccurrence,
+    user_histogram,
+)
+
+log = logging.getLogger("fedtower.client")
+
+RELEASE_KEY = "spectral-release"
+HEAD_KEY = "spectral-head"
+CANDIDATES_KEY = "spectral-candidates"
+VECTOR_KEY = "spectral"
+NOISE_STD_KEY = "spectral-noise-std"
+MAX_CANDIDATES = 8
+ID_KEY, BIAS_KEY = "item_tower.id_embedding.weight", "item_tower.bias.weight"
+
+
+def spectral_train(message: Message, context: Context, settings: RunSettings, node: NodeSettings, state) -> Message:
+    # Imported here: handlers imports this module.
+    from fedtower.client.handlers import _next_meta, _PrivateRound, load_global_item_tower, private_train_content
+
+    config: ConfigRecord = message.content["config"]
+    release = str(config.get(RELEASE_KEY, ""))
+    if release not in RELEASES:
+        raise ValueError(f"A spectral round needs config {RELEASE_KEY!r} in {list(RELEASES)}, got {release!r}.")
+    server_round = int(config.get("server-round", 0))
+    with state.round_lock(node.train_lock_timeout):
+        data = load_node_data(settings, node)
+        model = build_model(settings, data.catalogue, len(data.users))
+        load_global_item_tower(model, message.content["arrays"])
+        global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
+        meta = state.load("meta", default={}) or {}
+        meta = {**meta, "serving": serving_meta(settings, node)}
+        round_ = _PrivateRound(settings, node, state, data, context, server_round, meta)
+        plan = plan_spectral(round_.calibration, round_.accountant, round_.count, round_.cap, release)
+        if plan.exhausted:
+            log.warning("Node %s: the %s release would reach epsilon %.3f > cap %.3f; not releasing it.",
+                        round_.node_name, release, plan.epsilon_after, plan.cap)  # fmt: skip
+            added = round_.pending_count()
+            entry = round_.entry(plan, status="budget-exhausted", added=added)
+            record = round_.commit({"item_tower": global_snapshot, "meta": _next_meta(
+                round_.meta, message, server_round, data.source, trained=False)}, added, entry)  # fmt: skip
+            return Message(content=private_train_content(message.content["arrays"], record, exhausted=True),
+                           reply_to=message)  # fmt: skip
+        vector, bound = site_statistic(release, settings, data.split.train, model, config, message.content["arrays"])
+        std = plan.own[0] * bound * (node.test_only_noise_scale or 1.0)
+        noise = round_.randomness.spawn(f"spectral-{release}").standard_normal(vector.size, dtype=torch.float64)
+        noisy = vector + std * noise.numpy()
+        entry = round_.entry(plan, status="trained", added=plan.added, mechanism="gaussian", max_grad_norm=bound,
+                             release="item-statistics")  # fmt: skip
+        components = {"item_tower": global_snapshot, "meta": _next_meta(round_.meta, message, server_round, data.source)}
+        record = round_.commit(components, plan.added, entry)
+    # The noise std is public: it follows from the site's calibration (in its ledger) and the release.
+    metrics = MetricRecord({"num-examples": 1, "budget-exhausted": 0, NOISE_STD_KEY: float(std)})
+    return Message(content=RecordDict({"arrays": ArrayRecord({VECTOR_KEY: Array(noisy)}), "metrics": metrics,
+                                       "ledger": signed_to_config_record(record)}), reply_to=message)  # fmt: skip
+
+
+def site_statistic(release: str, settings: RunSettings, train: UserHistories, model, config: ConfigRecord,
+                   arrays: ArrayRecord) -> tuple[np.ndarray, float]:  # fmt: skip
+    """The site's sum for `release` before noise, and its L2 sensitivity."""
+    unit = settings.privacy_unit
+    num_items = model.config.num_items
+    if release == "histogram":
+        return user_histogram(statistics_histories(train, unit), num_items, unit), sensitivity(release, unit)
+    if release == "cooccurrence":
+        head = checked_head(config.get(HEAD_KEY), num_items)
+        return user_cooccurrence(statistics_histories(train, unit), head, unit), sensitivity(release, unit)
+    candidates = checked_candidates(config.get(CANDIDATES_KEY))
+    sums = selection_sums(model, train, candidates, arrays, k=settings.k, history_len=settings.history_len)
+    return sums, sensitivity(release, unit, num_candidates=len(candidates))
+
+
+def statistics_histories(train: UserHistories, unit: str) -> UserHistories:
+    if unit != "user":
+        return train
+    kept, _ = selection_split(train)
+    return histories_from_lists(train.users, kept)
+
+
+def histories_from_lists(users: list[str], lists: list[np.ndarray]) -> UserHistories:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(items) for items in lists], out=indptr[1:])
+    items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, dtype=np.int64)
+    return UserHistories(list(users), indptr, items, np.ones(len(items), dtype=np.float32))
+
+
+def selection_sums(model, train: UserHistories, candidates: list[tuple[float, float, float]], arrays: ArrayRecord,
+                   *, k: int, history_len: int) -> np.ndarray:  # fmt: skip
+    """For each candidate weighting: the sum over users of NDCG@k on their own held-out latest items, each
+    user's value in [0, 1] (a user with nothing held out adds 0)."""
+    layout = SpectralLayout(dim=model.config.dim, content_dim=model.config.dim - model.config.user_blocks[0])
+    table, bias = arrays[ID_KEY].numpy(), arrays[BIAS_KEY].numpy()
+    kept, held = selection_split(train)
+    kept_histories, held_histories = histories_from_lists(train.users, kept), histories_from_lists(train.users, held)
+    sums = np.zeros(len(candidates))
+    for index, weights in enumerate(candidates):
+        weighted_table, weighted_bias = reweighted(layout, table, bias, weights)
+        with torch.no_grad():
+            model.item_tower.id_embedding.weight.copy_(torch.from_numpy(weighted_table))
+            model.item_tower.bias.weight.copy_(torch.from_numpy(weighted_bias))
+            if model.user_tower.embedding is not None:
+                model.user_tower.embedding.weight.zero_()  # the tower alone: no private user rows
+        sums[index] = evaluate(model, kept_histories, held_histories, k=k, history_len=history_len).ndcg
+    return sums
+
+
+def checked_head(value, num_items: int) -> np.ndarray:
+    if value is None:
+        raise ValueError(f"A co-occurrence release needs the head items in config {HEAD_KEY!r}.")
+    head = np.asarray(list(value), dtype=np.int64)
+    if head.size == 0 or head.size > HEAD_MAX:
+        raise ValueError(f"The head must hold 1 to {HEAD_MAX} items, got {head.size}.")
+    if head.min() < 0 or head.max() >= num_items or len(np.unique(head)) != head.size:
+        raise ValueError(f"The head must be distinct item rows in [0, {num_items}).")
+    return head
+
+
+def checked_candidates(value) -> list[tuple[float, float, float]]:
+    flat = [float(v) for v in (value or [])]
+    if not flat or len(flat) % 3 or len(flat) // 3 > MAX_CANDIDATES:
+        raise ValueError(f"A selection release needs 1 to {MAX_CANDIDATES} (spectral, content, prior) weightings "
+                         f"in config {CANDIDATES_KEY!r}, got {len(flat)} numbers.")  # fmt: skip
+    if not all(math.isfinite(v) and v >= 0 for v in flat):
+        raise ValueError("Candidate weights must be finite and non-negative.")
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
