@@ -33,7 +33,8 @@ from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import plan_spectral
 from fedtower.config import RunSettings
 from fedtower.data.prepared import UserHistories
-from fedtower.models.training import evaluate
+from fedtower.metrics import ndcg_at_k, rank_top_k
+from fedtower.models.two_tower import pad_histories
 from fedtower.privacy.ledger import signed_to_config_record
 from fedtower.privacy.spectral import (
     HEAD_MAX,
@@ -129,22 +130,32 @@ def histories_from_lists(users: list[str], lists: list[np.ndarray]) -> UserHisto
 
 def selection_sums(model, train: UserHistories, candidates: list[tuple[float, float, float]], arrays: ArrayRecord,
                    *, k: int, history_len: int) -> np.ndarray:  # fmt: skip
-    """For each candidate weighting: the sum over users of NDCG@k on their own held-out latest items, each
-    user's value in [0, 1] (a user with nothing held out adds 0)."""
+    """For each candidate weighting: the sum over users of NDCG@k on their own held-out latest items."""
+    return selection_per_user(model, train, candidates, arrays, k=k, history_len=history_len).sum(0)
+
+
+def selection_per_user(model, train: UserHistories, candidates: list[tuple[float, float, float]],
+                       arrays: ArrayRecord, *, k: int, history_len: int, chunk: int = 256) -> np.ndarray:  # fmt: skip
+    """users x K: each user's NDCG@k on their own latest SELECTION_HOLDOUT share of training items, ranking the
+    catalogue without their other training items, under each candidate weighting of the tower in `arrays`.
+    Every value lies in [0, 1]; a user with nothing held out has 0 everywhere."""
     layout = SpectralLayout(dim=model.config.dim, content_dim=model.config.dim - model.config.user_blocks[0])
     table, bias = arrays[ID_KEY].numpy(), arrays[BIAS_KEY].numpy()
     kept, held = selection_split(train)
-    kept_histories, held_histories = histories_from_lists(train.users, kept), histories_from_lists(train.users, held)
-    sums = np.zeros(len(candidates))
+    values = np.zeros((len(train), len(candidates)))
     for index, weights in enumerate(candidates):
         weighted_table, weighted_bias = reweighted(layout, table, bias, weights)
-        with torch.no_grad():
-            model.item_tower.id_embedding.weight.copy_(torch.from_numpy(weighted_table))
-            model.item_tower.bias.weight.copy_(torch.from_numpy(weighted_bias))
-            if model.user_tower.embedding is not None:
-                model.user_tower.embedding.weight.zero_()  # the tower alone: no private user rows
-        sums[index] = evaluate(model, kept_histories, held_histories, k=k, history_len=history_len).ndcg
-    return sums
+        vectors, item_bias = torch.from_numpy(weighted_table), torch.from_numpy(weighted_bias).squeeze(-1)
+        for start in range(0, len(train), chunk):
+            rows = range(start, min(start + chunk, len(train)))
+            history = pad_histories([kept[u] for u in rows], history_len)
+            with torch.no_grad():  # the tower alone: no private user rows
+                scores = (model.user_vectors(None, history, vectors) @ vectors.T + item_bias).numpy()
+            ranked = rank_top_k(scores, [kept[u] for u in rows], k)
+            for offset, u in enumerate(rows):
+                if len(held[u]):
+                    values[u, index] = ndcg_at_k(ranked[offset][ranked[offset] >= 0], held[u], k)
+    return values
 
 
 def checked_head(value, num_items: int) -> np.ndarray:

@@ -14,9 +14,8 @@ step) to the site's accountant:
 2. co-occurrence: over the head items only (chosen by the coordinator from
    the noisy histogram sum, public post-processing), the upper triangle of
    y y^T / max(|y|, floor) for the user's head-item indicator y. User unit:
-   floor 1, Frobenius norm |y| / max(|y|, 1) <= 1. Interaction unit: one
-   event changes it by at most sqrt(2 floor - 1) / floor (worked out in
-   `cooccurrence_sensitivity`).
+   floor 1, norm <= 1. Interaction unit: one event changes it by at most
+   1 / sqrt(floor) (worked out in `cooccurrence_sensitivity`).
 3. selection: for each of a few public candidate weightings of the tower's
    parts, the user's NDCG@k on their own latest training items; a vector in
    [0, 1]^K, L2 norm <= sqrt(K) (one event moves it by at most the same).
@@ -80,16 +79,18 @@ def histogram_sensitivity(unit: str) -> float:
 
 
 def cooccurrence_sensitivity(unit: str, *, floor: int = INTERACTION_FLOOR) -> float:
-    """L2 change of one user's matrix y y^T / max(n, f) (n = |y|) when one event is added or removed.
+    """L2 change of the released upper triangle (diagonal included) of one user's y y^T / max(n, f), n = |y|.
 
-    For n + 1 <= f: the new row and column, sqrt(2 n + 1) / f <= sqrt(2 f - 1) / f. For n >= f: the new row
-    and column (2 n + 1 entries of 1 / (n + 1)) and the old block rescaled from 1/n to 1/(n + 1) (n^2
-    entries of 1 / (n (n + 1))) are disjoint, so the change is sqrt(2 n + 2) / (n + 1) = sqrt(2 / (n + 1)),
-    below the first bound. User unit: a whole user's matrix, Frobenius norm n / max(n, 1) <= 1."""
+    User unit (a whole user, f = 1): n diagonal and n (n - 1) / 2 off-diagonal entries of 1/n, norm
+    sqrt((n + 1) / (2 n)) <= 1 (equal for n = 1). Interaction unit (one event added or removed): for
+    n + 1 <= f, the new item's n + 1 entries of 1/f: sqrt(n + 1) / f <= 1 / sqrt(f), attained at n + 1 = f.
+    For n >= f, the new item's n + 1 entries of 1 / (n + 1) and the old triangle rescaled from 1/n to
+    1 / (n + 1) (n (n + 1) / 2 entries changed by 1 / (n (n + 1))) are disjoint: squared norm
+    (2 n + 1) / (2 n (n + 1)) < 1/n <= 1/f. So 1 / sqrt(f)."""
     _check_unit(unit)
     if unit == "user":
         return 1.0
-    return math.sqrt(2 * floor - 1) / floor
+    return 1.0 / math.sqrt(floor)
 
 
 def selection_sensitivity(num_candidates: int) -> float:

@@ -49,7 +49,7 @@ from fedtower.strategies.item_tower import (
 )
 from fedtower.privacy.spectral import SpectralLayout, content_block
 from fedtower.strategies.secure_dp import SecureDPStep
-from fedtower.strategies.spectral import SpectralItemTower
+from fedtower.strategies.spectral import SpectralBuilder, SpectralItemTower
 
 log = logging.getLogger("fedtower.server")
 
@@ -108,8 +108,9 @@ def secure_dp_step(settings: RunSettings) -> SecureDPStep:
 def spectral_item_tower(settings: RunSettings) -> SpectralItemTower:
     """The spectral DP item tower (run config dp-mechanism = "spectral"), from the public catalogue."""
     catalogue = cached_dataset(settings.data).catalogue
-    return SpectralItemTower(layout=SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features),
-                             num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)),
+    builder = SpectralBuilder(layout=SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features),
+                              num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)))
+    return SpectralItemTower(builder=builder,
                              min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
                              fraction_evaluate=settings.fraction_evaluate,
                              min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip

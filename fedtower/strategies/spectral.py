@@ -45,16 +45,10 @@ from fedtower.privacy.spectral import (
 log = logging.getLogger("fedtower.server")
 
 
-class SpectralItemTower(FedAvg):
-    """Three rounds of summed DP releases, then the item tower built from them."""
+class SpectralBuilder:
+    """What the coordinator holds between the three releases, and the tower it builds from their sums."""
 
-    checks_replies = True  # replies are noisy statistics, not item towers: validated here
-
-    def __init__(self, *, layout: SpectralLayout, num_items: int, content: np.ndarray, min_train_nodes: int = 1,
-                 min_available_nodes: int = 1, fraction_evaluate: float = 1.0,
-                 min_evaluate_nodes: int = 1) -> None:  # fmt: skip
-        super().__init__(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                         min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes)  # fmt: skip
+    def __init__(self, *, layout: SpectralLayout, num_items: int, content: np.ndarray) -> None:
         if num_items < 1:
             raise ValueError(f"The catalogue must hold at least one item, got {num_items}.")
         if content.shape != (num_items, layout.content_dim):
@@ -71,39 +65,36 @@ class SpectralItemTower(FedAvg):
         self.noise_std: dict[str, float] = {}
         self.sites: dict[str, int] = {}
 
-    def summary(self) -> None:
-        log.info("SpectralItemTower: a DP item tower from three Gaussian releases per site (histogram, "
-                 "co-occurrence of the head items, choice among %d weightings)", len(self.candidates))  # fmt: skip
-        log.info("  item vectors: %d spectral + %d content dims", self.layout.spectral_dim, self.layout.content_dim)
-
-    # ------------------------------------------------------------- what each round asks for
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+    @staticmethod
+    def release_of(server_round: int) -> str:
         if not 1 <= server_round <= len(RELEASES):
             raise ValueError(f"The spectral tower is built in rounds 1 to {len(RELEASES)}, not {server_round}.")
-        release = RELEASES[server_round - 1]
+        return RELEASES[server_round - 1]
+
+    def request(self, release: str, arrays: ArrayRecord) -> tuple[dict, ArrayRecord] | None:
+        """The config keys (and arrays) that ask the sites for `release`; None when its input is missing."""
         extra: dict = {RELEASE_KEY: release}
         if release == "cooccurrence":
             if self.head is None:
-                log.warning("Round %d: no histogram was released; nothing to ask for.", server_round)
-                return []
+                return None
             extra[HEAD_KEY] = [int(i) for i in self.head]
         elif release == "selection":
             if self.table is None:
-                log.warning("Round %d: no co-occurrence matrix was released; nothing to ask for.", server_round)
-                return []
-            arrays = self._arrays(self.table, self.bias)
+                return None
+            arrays = tower_arrays(self.table, self.bias)
             extra[CANDIDATES_KEY] = [float(w) for weights in self.candidates for w in weights]
-        return super().configure_train(server_round, arrays, ConfigRecord({**dict(config), **extra}), grid)
+        return extra, arrays
 
-    # ------------------------------------------------------------- what it builds from the sums
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
-        release = RELEASES[server_round - 1]
-        total, noise_std, sites = self._sum(server_round, release, replies)
-        if total is None:
-            log.warning("Round %d: no usable %s release; the item tower is unchanged.", server_round, release)
-            return None, None
+    def vector_length(self, release: str) -> int:
+        if release == "histogram":
+            return self.num_items
+        if release == "cooccurrence":
+            return upper_size(len(self.head))
+        return len(self.candidates)
+
+    def absorb(self, server_round: int, release: str, total: np.ndarray, noise_std: float,
+               sites: int) -> tuple[ArrayRecord | None, MetricRecord]:  # fmt: skip
+        """Take the noisy sum of `sites` sites' releases; returns the tower to serve now (None: unchanged)."""
         self.noise_std[release], self.sites[release] = noise_std, sites
         if release == "histogram":
             self.histogram = total
@@ -113,7 +104,7 @@ class SpectralItemTower(FedAvg):
             return None, MetricRecord({"spectral-sites": sites, "spectral-head": len(self.head)})
         if release == "cooccurrence":
             matrix = symmetric_from_upper(total, len(self.head))
-            vectors, values = spectral_vectors(matrix, noise_std, max_rank=self.layout.spectral_dim)
+            vectors, _ = spectral_vectors(matrix, noise_std, max_rank=self.layout.spectral_dim)
             self.rank = vectors.shape[1]
             self.table, self.bias = item_tower_arrays(self.layout, num_items=self.num_items, head=self.head,
                                                       vectors=vectors, content=self.content,
@@ -121,49 +112,15 @@ class SpectralItemTower(FedAvg):
             log.info("Round %d: noisy co-occurrence of %d site(s) (noise std %.3g); %d eigenvector(s) above the "
                      "noise edge.", server_round, sites, noise_std, self.rank)  # fmt: skip
             # Until the selection, the tower a run would serve is the first (collaborative) weighting.
-            return self._arrays(*reweighted(self.layout, self.table, self.bias, self.candidates[0])), MetricRecord(
-                {"spectral-sites": sites, "spectral-rank": self.rank})  # fmt: skip
+            arrays = tower_arrays(*reweighted(self.layout, self.table, self.bias, self.candidates[0]))
+            return arrays, MetricRecord({"spectral-sites": sites, "spectral-rank": self.rank})
         self.selection = total
         self.choice = int(np.argmax(total))
         log.info("Round %d: noisy selection sums %s; weighting %s chosen.", server_round,
                  np.round(total, 2).tolist(), self.candidates[self.choice])  # fmt: skip
-        arrays = self._arrays(*reweighted(self.layout, self.table, self.bias, self.candidates[self.choice]))
+        arrays = tower_arrays(*reweighted(self.layout, self.table, self.bias, self.candidates[self.choice]))
         return arrays, MetricRecord({"spectral-sites": sites, "spectral-choice": self.choice})
 
-    def _expected_length(self, release: str) -> int:
-        if release == "histogram":
-            return self.num_items
-        if release == "cooccurrence":
-            return upper_size(len(self.head))
-        return len(self.candidates)
-
-    def _sum(self, server_round: int, release: str, replies: Iterable[Message]):
-        length = self._expected_length(release)
-        total, variance, sites = np.zeros(length), 0.0, 0
-        for reply in replies:
-            if reply.has_error():
-                continue
-            node = reply.metadata.src_node_id
-            arrays = reply.content.get("arrays")
-            vector = arrays[VECTOR_KEY].numpy() if arrays is not None and VECTOR_KEY in arrays else None
-            std = reply.content["metrics"].get(NOISE_STD_KEY) if "metrics" in reply.content else None
-            if vector is None or vector.shape != (length,) or not np.all(np.isfinite(vector)):
-                log.warning("Round %d: node %d sent no %s vector of length %d; left out.", server_round, node,
-                            release, length)  # fmt: skip
-                continue
-            if not isinstance(std, (int, float)) or not std > 0:
-                log.warning("Round %d: node %d did not state a positive noise std; left out.", server_round, node)
-                continue
-            total += vector
-            variance += float(std) ** 2
-            sites += 1
-        return (total, math.sqrt(variance), sites) if sites else (None, 0.0, 0)
-
-    def _arrays(self, table: np.ndarray, bias: np.ndarray) -> ArrayRecord:
-        return ArrayRecord({ID_KEY: Array(np.ascontiguousarray(table, dtype=np.float32)),
-                            BIAS_KEY: Array(np.ascontiguousarray(bias, dtype=np.float32))})  # fmt: skip
-
-    # ------------------------------------------------------------- checkpoints and the run summary
     def checkpoint_state(self) -> dict[str, np.ndarray]:
         state = {}
         for name in ("histogram", "head", "table", "bias", "selection"):
@@ -182,9 +139,9 @@ class SpectralItemTower(FedAvg):
         if self.selection is not None:
             self.choice = int(np.argmax(self.selection))
 
-    def report(self) -> str:
+    def report(self, mode: str) -> str:
         """What the tower was built from, for the run summary."""
-        lines = ["Item tower: spectral DP (dp-mechanism = spectral; per-site Gaussian releases)"]
+        lines = [f"Item tower: spectral DP (dp-mechanism = spectral; {mode})"]
         for release in RELEASES:
             if release in self.noise_std:
                 lines.append(f"  {release}: sum of {self.sites[release]} site(s), noise std {self.noise_std[release]:.4g}")
@@ -196,3 +153,73 @@ class SpectralItemTower(FedAvg):
             sums = ", ".join(f"{names[i]} {v:.1f}" for i, v in enumerate(self.selection))
             lines.append(f"  weighting chosen: {names[self.choice]} {self.candidates[self.choice]} (noisy sums: {sums})")
         return "\n".join(lines)
+
+
+def tower_arrays(table: np.ndarray, bias: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({ID_KEY: Array(np.ascontiguousarray(table, dtype=np.float32)),
+                        BIAS_KEY: Array(np.ascontiguousarray(bias, dtype=np.float32))})  # fmt: skip
+
+
+class SpectralItemTower(FedAvg):
+    """Three rounds of summed per-site DP releases, then the item tower built from them."""
+
+    checks_replies = True  # replies are noisy statistics, not item towers: validated here
+
+    def __init__(self, *, builder: SpectralBuilder, min_train_nodes: int = 1, min_available_nodes: int = 1,
+                 fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 1) -> None:  # fmt: skip
+        super().__init__(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
+                         min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes)  # fmt: skip
+        self.builder = builder
+
+    def summary(self) -> None:
+        log.info("SpectralItemTower: a DP item tower from three Gaussian releases per site (histogram, "
+                 "co-occurrence of the head items, choice among %d weightings)", len(self.builder.candidates))  # fmt: skip
+        layout = self.builder.layout
+        log.info("  item vectors: %d spectral + %d content dims", layout.spectral_dim, layout.content_dim)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+        release = self.builder.release_of(server_round)
+        request = self.builder.request(release, arrays)
+        if request is None:
+            log.warning("Round %d: the release before it is missing; nothing to ask for.", server_round)
+            return []
+        extra, arrays = request
+        return super().configure_train(server_round, arrays, ConfigRecord({**dict(config), **extra}), grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+        release = self.builder.release_of(server_round)
+        length = self.builder.vector_length(release)
+        total, variance, sites = np.zeros(length), 0.0, 0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            arrays = reply.content.get("arrays")
+            vector = arrays[VECTOR_KEY].numpy() if arrays is not None and VECTOR_KEY in arrays else None
+            std = reply.content["metrics"].get(NOISE_STD_KEY) if "metrics" in reply.content else None
+            if vector is None or vector.shape != (length,) or not np.all(np.isfinite(vector)):
+                log.warning("Round %d: node %d sent no %s vector of length %d; left out.", server_round, node,
+                            release, length)  # fmt: skip
+                continue
+            if not isinstance(std, (int, float)) or not std > 0:
+                log.warning("Round %d: node %d did not state a positive noise std; left out.", server_round, node)
+                continue
+            total += vector
+            variance += float(std) ** 2
+            sites += 1
+        if not sites:
+            log.warning("Round %d: no usable %s release; the item tower is unchanged.", server_round, release)
+            return None, None
+        # Independent noise of each site: the sum's std is the root of the summed variances.
+        return self.builder.absorb(server_round, release, total, math.sqrt(variance), sites)
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        return self.builder.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        self.builder.load_checkpoint_state(state)
+
+    def report(self) -> str:
+        return self.builder.report("per-site Gaussian releases, summed")
