@@ -155,9 +155,9 @@ class RunSettings:
                     "histogram, a DP co-occurrence matrix of the head items, a DP choice among three weightings); "
                     f"set num-server-rounds = 3, got {self.num_server_rounds}."
                 )
-            if self.secure_aggregation or self.client_dp != "off":
-                raise ValueError("dp-mechanism = \"spectral\" runs per-site DP: it does not combine with "
-                                 "secure-aggregation or client-dp yet.")  # fmt: skip
+            if self.client_dp != "off":
+                raise ValueError("dp-mechanism = \"spectral\" runs per-site DP, or federation-wide DP under "
+                                 "secure-aggregation; it does not combine with client-dp.")  # fmt: skip
         if self.client_dp not in CLIENT_DP_MODES:
             raise ValueError(f"client-dp must be one of {CLIENT_DP_MODES}, got {self.client_dp!r}.")
         for name in ("noise_multiplier", "target_epsilon", "target_delta", "max_epsilon"):

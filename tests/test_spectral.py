@@ -308,3 +308,65 @@ def test_every_candidate_weighting_is_one_of_the_public_grid(tmp_path):
     with pytest.raises(ValueError, match="raise dim"):
         spectral.SpectralLayout(dim=4, content_dim=4)
     assert list(itertools.chain(*layout.candidates()))  # non-empty grid
+
+
+# ---------------------------------------------------------------- under secure aggregation
+
+
+def test_under_secure_aggregation_the_coordinator_unmasks_exactly_the_sum_of_the_sites_shares(tmp_path, monkeypatch):
+    # Prepare: record what each site put under its masks (the masking still runs) and each unmasked sum.
+    from fedtower.secure_aggregation import protocol
+    from fedtower.strategies.spectral import SecureSpectralTower
+
+    inputs, totals = [], []
+    masked_input, apply_sum = protocol.SecAggSite.masked_input, SecureSpectralTower.apply_sum
+
+    def record_input(self, vector, *args, **kwargs):
+        inputs.append(np.array(vector, copy=True))
+        return masked_input(self, vector, *args, **kwargs)
+
+    def record_total(self, server_round, arrays, total, survivors):
+        totals.append(np.array(total, copy=True))
+        return apply_sum(self, server_round, arrays, total, survivors)
+
+    monkeypatch.setattr(protocol.SecAggSite, "masked_input", record_input)
+    monkeypatch.setattr(SecureSpectralTower, "apply_sum", record_total)
+    settings = spectral_config(tmp_path, "secure", **{"secure-aggregation": True, "dp-federation-users": 200,
+                                                      "secagg-scale": 1024})  # fmt: skip
+    # Execute
+    result, grid = simulate_in_process(settings, site_config={**SITES, "allow-raw-evaluation": True})
+    # Assert: three releases, each unmasked sum is exactly the sum of the three sites' (signed) inputs.
+    assert len(totals) == 3 and len(inputs) == 9
+    decoded = [protocol.decode_signed(np.asarray(v, dtype=np.int64).astype(np.uint32)) for v in inputs]
+    for index, total in enumerate(totals):
+        assert np.array_equal(total, sum(decoded[3 * index : 3 * index + 3]))
+    # Nothing but masked vectors reached the coordinator in the masked-input stage.
+    assert all(VECTOR_KEY not in (r.content.get("arrays") or {}) for r in grid.received if not r.has_error())
+    trained = [LedgerEntry.from_dict(e) for e in result["ledger"] if e["status"] == "trained"]
+    assert len(trained) == 9
+    assert all(e.mechanism == "skellam" and e.trust and e.charged[-1][0] == "skellam" for e in trained)
+    assert max(e.epsilon_after for e in trained) <= 4.0 * (1 + 1e-6)
+    evaluation = [row for row in result["history"] if row["phase"] == "evaluate"][-1]
+    assert evaluation["ndcg@20"] > result["references"]["popularity"]["ndcg@20"]
+
+
+def test_one_users_quantized_release_stays_within_its_integer_bound():
+    # Prepare: users of many sizes; the quantized histogram and co-occurrence releases at 256 units.
+    import torch as _torch
+
+    from fedtower.privacy.quantization import quantize_and_sum
+
+    rng = np.random.default_rng(5)
+    lists = [rng.choice(50, size=n, replace=False).tolist() for n in (1, 2, 3, 7, 20, 49)]
+    head = np.arange(0, 50, 2)
+    for release in ("histogram", "cooccurrence"):
+        users, coords, values = spectral.per_user_entries(release, histories(lists), unit="user", head=head)
+        length = 50 if release == "histogram" else spectral.upper_size(len(head))
+        for u in range(len(lists)):
+            mine = users == u
+            scaled = _torch.from_numpy(values[mine] * 256 / spectral.sensitivity(release, "user"))
+            one = quantize_and_sum(_torch.zeros(int(mine.sum()), dtype=_torch.long), _torch.from_numpy(coords[mine]),
+                                   scaled, _torch.rand(int(mine.sum()), dtype=_torch.float64), batch=1,
+                                   length=length, l2_bound=256)  # fmt: skip
+            # Assert: the hard bound holds for every user, whatever the rounding did.
+            assert float(one.double().norm()) <= 256

@@ -38,7 +38,7 @@ from fedtower.privacy.accounting import ClientAccountant, HistoryEntry, compose,
 from fedtower.privacy.quantization import l1_bound
 from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.skellam import skellam_noise_multiplier_for
-from fedtower.privacy.spectral import noise_multipliers
+from fedtower.privacy.spectral import NUM_CANDIDATES, noise_multipliers, secure_entries, secure_noise_multiplier
 
 log = logging.getLogger("fedtower.client")
 
@@ -69,14 +69,19 @@ class Calibration:
     format: int = CALIBRATION_FORMAT
     # "gaussian": this site's own DP-SGD (per-site DP); "skellam": one federation-wide step per round under
     # secure aggregation, whose integer updates have these L2 / L1 bounds (integer units); "spectral": the
-    # three Gaussian releases of the spectral item tower, together of multiplier noise_multiplier.
+    # three Gaussian releases of the spectral item tower, together of multiplier noise_multiplier;
+    # "spectral-skellam": the same three releases under secure aggregation (Skellam shares, L2 bound l2_units).
     mechanism: str = "gaussian"
     l2_units: int = 0
     l1_units: float = 0.0
 
     @property
     def secure(self) -> bool:
-        return self.mechanism == "skellam"
+        return self.mechanism in ("skellam", "spectral-skellam")
+
+    @property
+    def spectral(self) -> bool:
+        return self.mechanism in ("spectral", "spectral-skellam")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +156,7 @@ def calibrate(
     count: list[HistoryEntry] = []
     if calibration is not None and calibration.secure != settings.secure_aggregation:
         calibration = None
-    if calibration is not None and (calibration.mechanism == "spectral") != settings.spectral:
+    if calibration is not None and calibration.spectral != settings.spectral:
         calibration = None
     if calibration is None or calibration.run != settings.run_name or calibration.unit != unit:
         population, source = node.declared_population(unit), "declared"
@@ -209,6 +214,19 @@ def _new_secure_calibration(settings, node, population, vector_length) -> Calibr
     l1 = l1_bound(l2, vector_length)
     evaluations = planned_evaluations(settings, node)
     eval_noise = settings.dp_eval_noise_multiplier
+    if settings.spectral:
+        # `vector_length` is the catalogue's size here: the releases' lengths follow from it.
+        plan_delta = settings.target_delta or default_delta(population)
+        plan_evaluations = planned_evaluations(settings, None)
+        fixed = [(eval_noise, 1.0, plan_evaluations)] if plan_evaluations else []
+        noise = settings.noise_multiplier or secure_noise_multiplier(
+            target_epsilon=settings.target_epsilon, delta=plan_delta, l2_units=l2, num_items=vector_length,
+            num_candidates=NUM_CANDIDATES, fixed=fixed)  # fmt: skip
+        return Calibration(run=settings.run_name, unit=settings.privacy_unit, population=int(population),
+                           population_source="federation-declared", sample_rate=1.0, steps_per_round=1,
+                           batch_divisor=1.0, delta=delta, noise_multiplier=noise, eval_noise_multiplier=eval_noise,
+                           planned_evaluations=evaluations, mechanism="spectral-skellam", l2_units=l2,
+                           l1_units=l1)  # fmt: skip
     if settings.noise_multiplier > 0:
         noise = settings.noise_multiplier
     else:
@@ -309,6 +327,14 @@ def plan_spectral(calibration: Calibration, accountant: ClientAccountant, count:
     """One of the spectral tower's three releases: a Gaussian release (q = 1, one step) at its share's
     noise multiplier."""
     own = (noise_multipliers(calibration.noise_multiplier)[release], 1.0, 1)
+    return plan_release(calibration, accountant, count, own, cap, steps=1)
+
+
+def plan_secure_spectral(calibration: Calibration, accountant: ClientAccountant, count: list[HistoryEntry],
+                         cap: float, release: str, num_items: int) -> ReleasePlan:  # fmt: skip
+    """One of the spectral tower's releases under secure aggregation: one Skellam step (q = 1)."""
+    own = secure_entries(calibration.noise_multiplier, l2_units=calibration.l2_units, num_items=num_items,
+                         num_candidates=NUM_CANDIDATES)[release]  # fmt: skip
     return plan_release(calibration, accountant, count, own, cap, steps=1)
 
 

@@ -32,6 +32,7 @@ import math
 import time
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtower.client.dp_training import DPConfig, DPTrainer
@@ -44,10 +45,20 @@ from fedtower.client.local import (
     user_embeddings_payload,  # fmt: skip
 )
 from fedtower.client.node_settings import NodeSettings
-from fedtower.client.private_round import PrivacyRefusal, plan_training
+from fedtower.client.private_round import PrivacyRefusal, plan_secure_spectral, plan_training
+from fedtower.client.spectral_round import (
+    CANDIDATES_KEY,
+    HEAD_KEY,
+    RELEASE_KEY,
+    checked_candidates,
+    checked_head,
+    selection_per_user,
+    statistics_histories,
+)
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import signed_to_config_record
-from fedtower.privacy.quantization import clip_coordinates, site_range
+from fedtower.privacy.quantization import clip_coordinates, quantize_and_sum, site_range
+from fedtower.privacy.spectral import per_user_entries, sensitivity, upper_size
 from fedtower.privacy.skellam import skellam_noise
 from fedtower.secure_aggregation.protocol import SecAggConfig, SecAggSite, encode_signed
 
@@ -159,11 +170,20 @@ def _masked_input(message, config, context, settings, node, state, server_round)
         meta = state.load("meta", default={}) or {}
         meta = {**meta, "serving": serving_meta(settings, node)}
         length = site.config.vector_length
-        if length != sum(model.item_tower_state()[k].numel() for k in keys):
-            raise ValueError(f"The round's vector length {length} is not this node's item tower's size.")
-        round_ = _PrivateRound(settings, node, state, data, context, server_round, meta, vector_length=length)
-        calibration = round_.calibration
-        plan = plan_training(calibration, round_.accountant, round_.count, round_.cap)
+        release = str(config.get(RELEASE_KEY, "")) if settings.spectral else ""
+        if settings.spectral:
+            # The spectral tower's releases: their calibration is planned from the catalogue's size.
+            round_ = _PrivateRound(settings, node, state, data, context, server_round, meta,
+                                   vector_length=model.config.num_items)  # fmt: skip
+            calibration = round_.calibration
+            plan = plan_secure_spectral(calibration, round_.accountant, round_.count, round_.cap, release,
+                                        model.config.num_items)  # fmt: skip
+        else:
+            if length != sum(model.item_tower_state()[k].numel() for k in keys):
+                raise ValueError(f"The round's vector length {length} is not this node's item tower's size.")
+            round_ = _PrivateRound(settings, node, state, data, context, server_round, meta, vector_length=length)
+            calibration = round_.calibration
+            plan = plan_training(calibration, round_.accountant, round_.count, round_.cap)
         trust = trust_assumptions(threshold, participants)
         if plan.exhausted:
             log.warning("Node %s: this round would reach epsilon %.3f > cap %.3f; not sending a masked input.",
@@ -173,15 +193,25 @@ def _masked_input(message, config, context, settings, node, state, server_round)
                 round_.meta, message, server_round, data.source, trained=False)}, [], entry)  # fmt: skip
             metrics = MetricRecord({"num-examples": 1, "budget-exhausted": 1})
             return RecordDict({"metrics": metrics, "ledger": signed_to_config_record(record)})
-        load_user_embeddings(model, data.users, state.load("users", default=None))
         model.to(pick_device(settings.device))
-        trainer = DPTrainer(model, _step_config(settings, calibration, node), randomness=round_.randomness.spawn("sgd"))
-        try:
-            total, _batch = trainer.integer_user_sum(data.split.train, keys=keys, l2_bound=calibration.l2_units)
-        finally:
-            trainer.detach()
-        model.cpu()
-        mu = noise_share_mu(calibration.noise_multiplier, calibration.l2_units, threshold)
+        if settings.spectral:
+            total = integer_spectral_sum(release, settings, data.split.train, model, config, message.content["arrays"],
+                                         l2_units=calibration.l2_units, randomness=round_.randomness.spawn("quantize"))
+            model.cpu()
+            if total.numel() != length:
+                raise ValueError(f"The round's vector length {length} is not this node's {release} release's size.")
+            noise_multiplier = plan.own[1]
+        else:
+            load_user_embeddings(model, data.users, state.load("users", default=None))
+            trainer = DPTrainer(model, _step_config(settings, calibration, node),
+                                randomness=round_.randomness.spawn("sgd"))  # fmt: skip
+            try:
+                total, _batch = trainer.integer_user_sum(data.split.train, keys=keys, l2_bound=calibration.l2_units)
+            finally:
+                trainer.detach()
+            model.cpu()
+            noise_multiplier = calibration.noise_multiplier
+        mu = noise_share_mu(noise_multiplier, calibration.l2_units, threshold)
         mu *= (node.test_only_noise_scale or 1.0) ** 2
         noise_std = math.sqrt(2 * mu)
         bound = site_range(num_sites=participants, noise_std=noise_std)
@@ -190,7 +220,8 @@ def _masked_input(message, config, context, settings, node, state, server_round)
         if node.test_only_secagg_record:
             _record_input(state, server_round, share)
         masked = site.masked_input(encode_signed(share), received)
-        entry = round_.entry(plan, status="trained", added=plan.added, mechanism="skellam", trust=trust)
+        entry = round_.entry(plan, status="trained", added=plan.added, mechanism="skellam", trust=trust,
+                             release="item-statistics" if settings.spectral else "")  # fmt: skip
         components = {
             "users": user_embeddings_payload(model, data.users),
             "item_tower": global_snapshot,
@@ -202,6 +233,30 @@ def _masked_input(message, config, context, settings, node, state, server_round)
     metrics = MetricRecord({"num-examples": 1, "budget-exhausted": 0, "secagg-noise-std": noise_std})
     return RecordDict({"arrays": ArrayRecord({MASKED_KEY: Array(masked)}), "metrics": metrics,
                        "ledger": signed_to_config_record(record)})  # fmt: skip
+
+
+def integer_spectral_sum(release: str, settings: RunSettings, train, model, config, arrays, *, l2_units: int,
+                         randomness) -> torch.Tensor:  # fmt: skip
+    """The site's share of one spectral release before noise: each user's contribution scaled so that its
+    sensitivity is `l2_units` integer units, quantized with a hard L2 bound, summed (int64)."""
+    unit = settings.privacy_unit
+    num_items = model.config.num_items
+    head, per_user = None, None
+    if release == "histogram":
+        histories, length = statistics_histories(train, unit), num_items
+    elif release == "cooccurrence":
+        head = checked_head(config.get(HEAD_KEY), num_items)
+        histories, length = statistics_histories(train, unit), upper_size(len(head))
+    else:
+        candidates = checked_candidates(config.get(CANDIDATES_KEY))
+        per_user = selection_per_user(model, train, candidates, arrays, k=settings.k, history_len=settings.history_len)
+        histories, length = train, len(candidates)
+    bound = sensitivity(release, unit, num_candidates=len(per_user[0]) if per_user is not None else 1)
+    users, coords, values = per_user_entries(release, histories, unit=unit, head=head, per_user=per_user)
+    scaled = torch.from_numpy(values * (l2_units / bound))
+    uniforms = torch.from_numpy(randomness.uniform(len(values)))
+    return quantize_and_sum(torch.from_numpy(users), torch.from_numpy(coords), scaled, uniforms,
+                            batch=len(histories), length=length, l2_bound=l2_units)  # fmt: skip
 
 
 def _step_config(settings: RunSettings, calibration, node: NodeSettings) -> DPConfig:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtower.data.prepared import UserHistories
+from fedtower.privacy.quantization import l1_bound
 
 # Shares of the budget (of 1 / z^2 in RDP: the three releases compose to one Gaussian of multiplier z).
 SHARES = {"histogram": 0.25, "cooccurrence": 0.5, "selection": 0.25}
@@ -62,6 +63,7 @@ INTERACTION_FLOOR = 32  # interaction unit: heads-items count below which a user
 # DP popularity list alone, so that a federation too small for the rest falls back to popularity.
 WITH_CONTENT = ((1.0, 0.0, 0.2), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0))
 WITHOUT_CONTENT = ((1.0, 0.0, 0.2), (1.0, 0.0, 1.0), (0.0, 0.0, 1.0))
+NUM_CANDIDATES = len(WITH_CONTENT)  # the same with and without content: the secure plan is made before either
 SELECTION_HOLDOUT = 0.2  # the latest 20% (at least one) of each user's training items score a candidate
 
 
@@ -258,3 +260,79 @@ def selection_split(histories: UserHistories) -> tuple[list[np.ndarray], list[np
         kept.append(items[: len(items) - out])
         held.append(items[len(items) - out :])
     return kept, held
+
+
+# ---------------------------------------------------------------- under secure aggregation (federation-wide)
+
+
+def release_lengths(*, num_items: int, num_candidates: int) -> dict[str, int]:
+    """The longest each release can be (public: the catalogue, HEAD_MAX and the candidate grid); they set
+    the L1 bounds of the quantized releases."""
+    return {"histogram": num_items, "cooccurrence": upper_size(min(num_items, HEAD_MAX)), "selection": num_candidates}
+
+
+def secure_entries(z: float, *, l2_units: int, num_items: int, num_candidates: int) -> dict[str, list]:
+    """Each release's accountant entry under secure aggregation: one Skellam step (q = 1) of its share's
+    multiplier, L2 bound l2_units and the L1 bound of an integer vector of its longest length."""
+    lengths = release_lengths(num_items=num_items, num_candidates=num_candidates)
+    return {name: ["skellam", zr, 1.0, 1, int(l2_units), l1_bound(int(l2_units), lengths[name])]
+            for name, zr in noise_multipliers(z).items()}  # fmt: skip
+
+
+def secure_noise_multiplier(*, target_epsilon: float, delta: float, l2_units: int, num_items: int,
+                            num_candidates: int, fixed: list | tuple = ()) -> float:  # fmt: skip
+    """The smallest z (relative 1e-6) whose three Skellam releases, after `fixed`, stay within the target.
+    A deterministic bisection: every site computes the same z from the same public numbers."""
+    from fedtower.privacy.accounting import ClientAccountant  # here: accounting imports nothing of this module
+
+    accountant = ClientAccountant(fixed)
+
+    def epsilon(z: float) -> float:
+        entries = secure_entries(z, l2_units=l2_units, num_items=num_items, num_candidates=num_candidates)
+        return accountant.epsilon_with(list(entries.values()), delta=delta)
+
+    low, high = 1e-3, 1e4
+    if epsilon(high) > target_epsilon:
+        raise ValueError(f"No noise multiplier up to {high:g} keeps the spectral releases within epsilon = "
+                         f"{target_epsilon} at delta = {delta}.")  # fmt: skip
+    while high / low > 1 + 1e-6:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if epsilon(middle) > target_epsilon else (low, middle)
+    return high
+
+
+def per_user_entries(release: str, histories: UserHistories, *, unit: str, head: np.ndarray | None = None,
+                     per_user: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(user, coordinate, value) of every non-zero entry of each user's contribution to `release`, each pair
+    once: what `user_histogram` / `user_cooccurrence` sum, or the rows of `per_user` (users x K) for the
+    selection. Values are in the release's own units (a user's vector has L2 norm <= its sensitivity)."""
+    _check_unit(unit)
+    users, coords, values = [], [], []
+    if release == "selection":
+        rows, columns = np.nonzero(per_user)
+        return rows.astype(np.int64), columns.astype(np.int64), per_user[rows, columns].astype(np.float64)
+    if release == "cooccurrence":
+        size = len(head)
+        position = np.full(int(head.max()) + 1, -1, dtype=np.int64)
+        position[head] = np.arange(size)
+        floor = 1 if unit == "user" else INTERACTION_FLOOR
+    for u in range(len(histories)):
+        items = _distinct(histories, u)
+        if release == "histogram":
+            if items.size:
+                users.append(np.full(items.size, u))
+                coords.append(items)
+                values.append(np.full(items.size, 1.0 / math.sqrt(items.size) if unit == "user" else 1.0))
+            continue
+        rows = position[items[items < len(position)]]
+        rows = np.sort(rows[rows >= 0])
+        if not rows.size:
+            continue
+        i, j = np.triu_indices(rows.size)
+        a, b = rows[i], rows[j]  # a <= b: row-major upper-triangle index of (a, b)
+        users.append(np.full(a.size, u))
+        coords.append(a * size - a * (a - 1) // 2 + (b - a))
+        values.append(np.full(a.size, 1.0 / max(rows.size, floor)))
+    if not users:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+    return np.concatenate(users).astype(np.int64), np.concatenate(coords).astype(np.int64), np.concatenate(values)

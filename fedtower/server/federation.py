@@ -49,7 +49,7 @@ from fedtower.strategies.item_tower import (
 )
 from fedtower.privacy.spectral import SpectralLayout, content_block
 from fedtower.strategies.secure_dp import SecureDPStep
-from fedtower.strategies.spectral import SpectralBuilder, SpectralItemTower
+from fedtower.strategies.spectral import SecureSpectralTower, SpectralBuilder, SpectralItemTower
 
 log = logging.getLogger("fedtower.server")
 
@@ -110,6 +110,11 @@ def spectral_item_tower(settings: RunSettings) -> SpectralItemTower:
     catalogue = cached_dataset(settings.data).catalogue
     builder = SpectralBuilder(layout=SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features),
                               num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)))
+    if settings.secure_aggregation:
+        return SecureSpectralTower(builder=builder, l2_units=settings.secagg_scale, threshold=settings.secagg_threshold,
+                                   stage_timeout=settings.round_timeout, min_available_nodes=settings.min_available_nodes,
+                                   min_train_nodes=settings.min_train_nodes, fraction_evaluate=settings.fraction_evaluate,
+                                   min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip
     return SpectralItemTower(builder=builder,
                              min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
                              fraction_evaluate=settings.fraction_evaluate,
@@ -283,7 +288,10 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         table += "\n\nPrivacy (final epsilon per client; see privacy_ledger.jsonl)\n" + epsilon_table(entries)
     if settings.spectral:
         table += "\n\n" + inner.report()
-    if settings.secure_aggregation:
+    if settings.secure_aggregation and settings.spectral:
+        table += ("\n\nPrivacy mode: federation-wide user-level DP under secure aggregation (Skellam noise shares; "
+                  "the coordinator sees only sums of at least t sites)")  # fmt: skip
+    elif settings.secure_aggregation:
         table += "\n\n" + secure_summary(inner)
     elif settings.dp_enabled and settings.client_dp == "off":
         table += ("\n\nPrivacy mode: per-site DP (each site adds the full noise to its own update; "

@@ -83,15 +83,18 @@ class SecureDPStep(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:  # fmt: skip
         self.grid, self.round = grid, None
+        request = self.round_request(server_round, arrays)
+        if request is None:
+            return self._abort(server_round, "the release this round builds on is missing")
+        extra, arrays, length = request
         sampled = list(super().configure_train(server_round, arrays, config, grid))
         nodes = sorted(m.metadata.dst_node_id for m in sampled)
         threshold = self.threshold or len(nodes) // 2 + 1
-        length = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
         try:
             secagg = SecAggServer(SecAggConfig(participants=tuple(nodes), threshold=threshold, vector_length=length))
         except ValueError as err:
             return self._abort(server_round, f"cannot run secure aggregation with {len(nodes)} site(s): {err}")
-        base = {**dict(config), "server-round": server_round}
+        base = {**dict(config), **extra, "server-round": server_round}
         setup = {**base, STAGE_KEY: "setup", "secagg-participants": [str(n) for n in nodes],
                  "secagg-threshold": threshold, "secagg-length": length}  # fmt: skip
         replies = self._exchange({n: RecordDict({"config": ConfigRecord(setup)}) for n in nodes})
@@ -120,6 +123,16 @@ class SecureDPStep(FedAvg):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(stage)})
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
+
+    def round_request(self, server_round: int, arrays: ArrayRecord) -> tuple[dict, ArrayRecord, int] | None:
+        """What this round's masked inputs are: extra config for every stage, the arrays sent with the
+        masked-input stage, and the vector length. Here: one DP step on the item tower itself."""
+        return {}, arrays, sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
+
+    def apply_sum(self, server_round: int, arrays: ArrayRecord, total: np.ndarray,
+                  survivors: list[int]) -> tuple[ArrayRecord | None, dict]:  # fmt: skip
+        """The new item tower from the unmasked (signed) sum, and extra metrics for the round."""
+        return self._step(arrays, total), {}
 
     def _exchange(self, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         """One protocol stage: send, wait, keep the replies without error (the others dropped out)."""
@@ -176,11 +189,11 @@ class SecureDPStep(FedAvg):
         except SecAggAbort as err:
             self._abort(server_round, str(err))
             return None, None
-        arrays = self._step(self.round["arrays"], decode_signed(total))
-        log.info("Round %d: secure sum of %d site(s) (%d dropped, t = %d), one DP step taken.", server_round,
+        arrays, extra = self.apply_sum(server_round, self.round["arrays"], decode_signed(total), list(survivors))
+        log.info("Round %d: secure sum of %d site(s) (%d dropped, t = %d).", server_round,
                  len(survivors), len(dropped), self.round["threshold"])  # fmt: skip
         metrics = MetricRecord({"secagg-sites": len(survivors), "secagg-dropped": len(dropped),
-                                "secagg-threshold": self.round["threshold"]})  # fmt: skip
+                                "secagg-threshold": self.round["threshold"], **extra})  # fmt: skip
         self.round = None
         return arrays, metrics
 

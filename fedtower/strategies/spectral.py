@@ -21,6 +21,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtower.strategies.secure_dp import SecureDPStep
+
 from fedtower.client.spectral_round import (
     BIAS_KEY,
     CANDIDATES_KEY,
@@ -32,6 +34,7 @@ from fedtower.client.spectral_round import (
 )
 from fedtower.privacy.spectral import (
     RELEASES,
+    sensitivity,
     SpectralLayout,
     choose_head,
     item_tower_arrays,
@@ -223,3 +226,51 @@ class SpectralItemTower(FedAvg):
 
     def report(self) -> str:
         return self.builder.report("per-site Gaussian releases, summed")
+
+
+class SecureSpectralTower(SecureDPStep):
+    """The spectral tower's three releases under secure aggregation: the coordinator unmasks only the sum of
+    at least t sites' integer releases, each with its Skellam noise share (federation-wide DP)."""
+
+    def __init__(self, *, builder: SpectralBuilder, l2_units: int, threshold: int = 0, stage_timeout: float,
+                 min_available_nodes: int = 1, min_train_nodes: int = 2, fraction_evaluate: float = 1.0,
+                 min_evaluate_nodes: int = 1) -> None:  # fmt: skip
+        super().__init__(threshold=threshold, l2_units=l2_units, max_grad_norm=1.0, expected_batch=1.0, table_lr=1.0,
+                         lr=1.0, stage_timeout=stage_timeout, min_available_nodes=min_available_nodes,
+                         min_train_nodes=min_train_nodes, fraction_evaluate=fraction_evaluate,
+                         min_evaluate_nodes=min_evaluate_nodes)  # fmt: skip
+        self.builder = builder
+        self.l2_units = l2_units
+
+    def summary(self) -> None:
+        log.info("SecureSpectralTower: the spectral DP item tower's three releases under secure aggregation")
+
+    def round_request(self, server_round: int, arrays: ArrayRecord) -> tuple[dict, ArrayRecord, int] | None:
+        release = self.builder.release_of(server_round)
+        request = self.builder.request(release, arrays)
+        if request is None:
+            return None
+        extra, arrays = request
+        return extra, arrays, self.builder.vector_length(release)
+
+    def apply_sum(self, server_round: int, arrays: ArrayRecord, total: np.ndarray,
+                  survivors: list[int]) -> tuple[ArrayRecord | None, dict]:  # fmt: skip
+        release = self.builder.release_of(server_round)
+        bound = sensitivity(release, "user", num_candidates=len(self.builder.candidates))
+        units = self.l2_units / bound  # integer units per unit of the release
+        # The sum's noise: the survivors' independent Skellam shares (each reported its std, in integer units).
+        variance = sum(self.noise_std_by_node.get(node, 0.0) ** 2 for node in survivors)
+        tower, metrics = self.builder.absorb(server_round, release, total.astype(np.float64) / units,
+                                             math.sqrt(variance) / units, len(survivors))  # fmt: skip
+        self.steps_taken += 1
+        return tower, dict(metrics)
+
+    def checkpoint_state(self) -> dict[str, np.ndarray]:
+        return self.builder.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict[str, np.ndarray]) -> None:
+        self.builder.load_checkpoint_state(state)
+
+    def report(self) -> str:
+        t = self.last_threshold or self.threshold or "a majority"
+        return self.builder.report(f"secure aggregation, t = {t}: the coordinator saw only sums")
