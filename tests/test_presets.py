@@ -7,10 +7,11 @@ from fedtower.simulations.presets import PRESETS_DIR, list_presets, load_preset,
 KEBAB_CASE = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
-def test_the_four_presets_are_shipped():
+def test_the_six_presets_are_shipped():
     names = list_presets()
 
-    assert names == ["movielens-sites", "synthetic-cross-device", "synthetic-sites", "synthetic-sites-gpu"]
+    assert names == ["movielens-sites", "synthetic-cross-device", "synthetic-cross-device-dp", "synthetic-sites",
+                     "synthetic-sites-dp", "synthetic-sites-gpu"]
 
 
 @pytest.mark.parametrize("name", list_presets())
