@@ -46,7 +46,9 @@ def test_sites_simulation_writes_a_complete_run_directory(tmp_path):
     popularity = popularity_baseline(split).finalize()
     assert evaluated[-1]["ndcg@20"] > popularity["ndcg@20"]
     assert run.load_latest_checkpoint().round == 3
-    assert (run.path / "summary.txt").read_text().count("ndcg@20") == 1
+    summary = (run.path / "summary.txt").read_text()
+    assert summary.count("ndcg@20") == 2  # the metrics table, and the model against popularity on the same split
+    assert "model / popularity" in summary
     assert (run.plots_dir / "ranking.png").stat().st_size > 5000
     assert "ndcg@20" in (run.path / "metrics.csv").read_text().splitlines()[0]
     assert json.loads((run.path / "config.json").read_text())["num-sites"] == 3
