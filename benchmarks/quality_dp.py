@@ -8,8 +8,9 @@ then with DP calibrated to each target epsilon (noise computed once per run
 from the planned rounds and local epochs, delta = 1/(10 N) per client for its
 public population N: a DP count of its users, charged to its budget), with
 the same data, partitions, model and rounds. Prints a table and one JSON
-object as the last line: per epsilon, ndcg@20, recall@20, ratio to the twin,
-and the epsilon actually spent (max over clients, from their accountants).
+object as the last line: per epsilon, ndcg@20, recall@20, coverage@20, ratio to
+the twin, and the epsilon actually spent (max over clients, from their
+accountants); and a plot of quality against epsilon spent (--plot).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedtower.central import popularity_baseline
 from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
 from fedtower.data.sources import resolve_dataset
+from fedtower.server.report import plot_privacy_curve
 from fedtower.simulations.runner import simulate
 
 
@@ -40,6 +42,7 @@ def federated(base: dict, name: str, out: str, **dp) -> dict:
     final = [row for row in result["history"] if row["phase"] == "evaluate"][-1]
     spent = [e["epsilon_after"] for e in result["ledger"] if e["status"] == "trained"]
     return {"ndcg@20": final["ndcg@20"], "recall@20": final["recall@20"],
+            "coverage@20": final.get("coverage@20", float("nan")),
             "epsilon_spent": max(spent) if spent else 0.0,
             "delta_max": max((e["delta"] for e in result["ledger"]), default=0.0),
             "rounds_completed": max(r["round"] for r in result["history"] if r["phase"] == "train"),
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mechanism", choices=("spectral", "sgd"), default="spectral",
                         help="spectral: the spectral DP item tower (three releases); sgd: DP-SGD rounds")
     parser.add_argument("--secure", action="store_true", help="federation-wide DP under secure aggregation")
+    parser.add_argument("--plot", default=None, help="PNG of quality against epsilon spent "
+                        "(default: privacy_curve.png in the run directory)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -102,6 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
               "dp_table_lr": args.dp_table_lr, "embedding_path": args.embedding_path,
               "mechanism": args.mechanism, "secure": args.secure,
               "popularity_ndcg@20": popularity, "non_private": twin, "curve": curve}  # fmt: skip
+    plot = plot_privacy_curve(curve, args.plot or f"{out}/privacy_curve.png", references={
+        "popularity, same split": {"ndcg@20": popularity},
+        "non-private federation": {k: twin[k] for k in ("ndcg@20", "recall@20")}})  # fmt: skip
+    print(f"plot: {plot}", file=sys.stderr)
+    result["plot"] = str(plot)
     if len(curve) == 1:
         result.update({k: curve[0][k] for k in ("ndcg@20", "recall@20", "ratio", "epsilon_spent")})
     print(json.dumps(result))

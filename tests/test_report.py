@@ -7,7 +7,7 @@ import math
 import matplotlib.image
 import pytest
 
-from fedtower.server.report import plot_metrics, rounds_table, summary_table
+from fedtower.server.report import plot_metrics, plot_privacy_curve, rounds_table, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,6 +48,24 @@ def test_the_default_plots_only_evaluated_metrics(tmp_path):
 
     # Assert: epsilon is only reported by the train phase
     assert sorted(path.name for path in written) == ["loss.png", "ranking.png"]
+
+
+def test_the_privacy_curve_is_a_png_against_epsilon_spent(tmp_path):
+    # Prepare: points out of order, as a benchmark may list its targets
+    curve = [{"epsilon_spent": 3.9, "ndcg@20": 0.12, "recall@20": 0.2},
+             {"epsilon_spent": 0.98, "ndcg@20": 0.08, "recall@20": 0.15}]  # fmt: skip
+
+    # Execute
+    path = plot_privacy_curve(curve, tmp_path / "curve.png", references={"popularity": {"ndcg@20": 0.07}})
+
+    # Assert
+    _assert_png(path)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_empty_privacy_curve_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least one point"):
+        plot_privacy_curve([], tmp_path / "curve.png")
 
 
 def test_absent_and_all_nan_metrics_are_not_plotted(tmp_path):

@@ -105,7 +105,38 @@ def plot_metrics(
     return written
 
 
-def _render_png(title: str, y_label: str, lines: list[tuple]) -> bytes:
+def plot_privacy_curve(
+    curve: Sequence[dict[str, Any]], path: str | Path, *, metrics: Sequence[str] = ("ndcg@20", "recall@20"),
+    references: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """Quality against the ε actually spent, one line per metric, with dashed references
+    ({"popularity": {"ndcg@20": ...}, "non-private": {...}}) across the whole ε range.
+
+    `curve` rows hold "epsilon_spent" and the metrics (quality_dp.py's JSON "curve").
+    """
+    if not curve:
+        raise ValueError("The privacy curve needs at least one point; the curve given is empty.")
+    rows = sorted(curve, key=lambda row: row["epsilon_spent"])
+    epsilons = np.array([row["epsilon_spent"] for row in rows], dtype=float)
+    lines = []
+    for name in metrics:
+        values = np.array([row.get(name, math.nan) for row in rows], dtype=float)
+        if not np.isfinite(values).any():
+            continue
+        lines.append((f"{name} (DP)", epsilons, values))
+        for reference, reference_metrics in (references or {}).items():
+            if np.isfinite(reference_metrics.get(name, math.nan)):
+                lines.append((f"{name} ({reference})", epsilons, np.full(len(rows), reference_metrics[name]), True))
+    path = Path(path)
+    png = _render_png("Quality against privacy spent", "score (higher is better)", lines, x_label="ε spent",
+                      integer_x=False)  # fmt: skip
+    atomic_write_bytes(path, png)
+    return path
+
+
+def _render_png(
+    title: str, y_label: str, lines: list[tuple], *, x_label: str = "server round", integer_x: bool = True
+) -> bytes:
     """Lines are (label, rounds, values) or (label, rounds, values, True) for a dashed reference."""
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
@@ -116,9 +147,10 @@ def _render_png(title: str, y_label: str, lines: list[tuple]) -> bytes:
         else:
             axes.plot(rounds, values, marker="o", markersize=3, label=label)  # NaN leaves a gap
     axes.set_title(title)
-    axes.set_xlabel("server round")
+    axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_x:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
