@@ -188,7 +188,8 @@ def main() -> None:
     print("\n nodes  s/round  peak MiB/node  idle MiB/node  all nodes MiB  status", file=sys.stderr)
     for s in sizes:
         print(f"{s['nodes']:>6} {s['seconds_per_round'] or float('nan'):>8} {s['peak_mib_per_node']:>14} "
-              f"{s['idle_mib_per_node']:>14} {s['peak_mib_all_nodes']:>14}  {s['status']}", file=sys.stderr)  # fmt: skip
+              f"{s['idle_mib_per_node']:>14} {s['peak_mib_all_nodes']:>14}  {s['status']}",
+              file=sys.stderr)  # fmt: skip
     summary = {
         "benchmark": "deployment_scale", "cpu_count": os.cpu_count(), "secure": args.secure, "dp": args.dp,
         "max_nodes": max((s["nodes"] for s in completed), default=0), "stopped_because": stopped_because,
@@ -197,7 +198,8 @@ def main() -> None:
     if completed:
         best = max(completed, key=lambda s: s["nodes"])
         summary.update(nodes=best["nodes"], seconds_per_round=best["seconds_per_round"],
-                       peak_mib_per_node=best["peak_mib_per_node"], idle_mib_per_node=best["idle_mib_per_node"])  # fmt: skip
+                       peak_mib_per_node=best["peak_mib_per_node"],
+                       idle_mib_per_node=best["idle_mib_per_node"])  # fmt: skip
     print(json.dumps(summary))
 
 

@@ -29,7 +29,6 @@ from fedtower.data.sources import resolve_dataset
 from fedtower.server.report import plot_privacy_curve
 from fedtower.simulations.runner import simulate
 
-
 SITES = {"allow-raw-evaluation": True, "allow-plaintext-state": True}
 
 

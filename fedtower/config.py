@@ -199,8 +199,9 @@ class RunSettings:
             if not self.dp_enabled:
                 raise ValueError("secure-aggregation runs federation-wide DP: give noise-multiplier or target-epsilon.")
             if self.dp_federation_users < 1:
-                raise ValueError("secure-aggregation needs dp-federation-users, the public number of users in the "
-                                 "whole federation (the sampling rate is dp-batch-size / dp-federation-users).")  # fmt: skip
+                raise ValueError("secure-aggregation needs dp-federation-users, the public number of users in "
+                                 "the whole federation (the sampling rate is dp-batch-size / "
+                                 "dp-federation-users).")  # fmt: skip
             if self.fraction_train != 1.0:
                 raise ValueError("secure-aggregation needs fraction-train = 1.0: users are sampled inside the "
                                  "sites, at a rate accounted over the whole federation.")  # fmt: skip

@@ -104,9 +104,9 @@ def test_one_users_selection_scores_move_the_sum_by_at_most_sqrt_k():
     lists = [rng.choice(30, size=n, replace=False).tolist() for n in (2, 5, 8, 1, 12)]
     candidates = list(layout.candidates())
     # Execute
-    everyone = selection_sums(model, histories(lists), candidates, arrays, k=5, history_len=50)
-    without_last = selection_sums(model, histories(lists[:-1]), candidates, arrays, k=5, history_len=50)
-    one = selection_sums(model, histories(lists[-1:]), candidates, arrays, k=5, history_len=50)
+    everyone = selection_sums(model, layout, histories(lists), candidates, arrays, k=5, history_len=50)
+    without_last = selection_sums(model, layout, histories(lists[:-1]), candidates, arrays, k=5, history_len=50)
+    one = selection_sums(model, layout, histories(lists[-1:]), candidates, arrays, k=5, history_len=50)
     # Assert: sums add up over users, each user's values lie in [0, 1]: L2 <= sqrt(K).
     assert np.allclose(everyone - without_last, one)
     assert np.all((one >= 0) & (one <= 1))

@@ -170,12 +170,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     server_round = int(config.get("server-round", 0))
     state = open_state(settings, node)
     with state.round_lock(node.train_lock_timeout):
-        data = load_node_data(settings, node)
-        model = build_model(settings, data.catalogue, len(data.users))
-        load_global_item_tower(model, message.content["arrays"])
-        global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
-        meta = state.load("meta", default={}) or {}
-        meta = {**meta, "serving": serving_meta(settings, node)}  # lets `fedtower recommend` find the data
+        data, model, global_snapshot, meta = open_round(message, settings, node, state)
         if settings.dp_enabled:
             return _train_private(message, context, settings, node, state, data, model, global_snapshot, meta,
                                   server_round)  # fmt: skip
@@ -208,6 +203,31 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
 
 # What each reply carries is built here and only here: `fedtower site check` shows a site
 # exactly these records (fedtower/deployment/site_check.py), so the two cannot drift apart.
+
+
+def open_round(message: Message, settings: RunSettings, node: NodeSettings, state: ClientStateStore):
+    """A round's start, inside the node's round lock: (data, model holding the received item tower, a copy of
+    that tower (what the node serves until the next round), the node's meta with its serving settings)."""
+    data = load_node_data(settings, node)
+    model = build_model(settings, data.catalogue, len(data.users))
+    load_global_item_tower(model, message.content["arrays"])
+    global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
+    meta = state.load("meta", default={}) or {}
+    meta = {**meta, "serving": serving_meta(settings, node)}  # lets `fedtower recommend` find the data
+    return data, model, global_snapshot, meta
+
+
+def commit_refusal(round_: _PrivateRound, plan, message: Message, server_round: int, data, global_snapshot: dict,
+                   *, what: str, added: list | None = None, **entry_fields) -> dict:  # fmt: skip
+    """A release the budget cannot pay for: log it, record it in the ledger (nothing trained; a refusal that
+    names the sampling rate releases the pending count unless `added` says otherwise) and keep serving the
+    received tower. Returns the signed ledger record."""
+    log.warning("Node %s: %s would reach epsilon %.3f > cap %.3f; not releasing it (budget exhausted).",
+                round_.node_name, what, plan.epsilon_after, plan.cap)  # fmt: skip
+    added = round_.pending_count() if added is None else added
+    entry = round_.entry(plan, status="budget-exhausted", added=added, **entry_fields)
+    meta = _next_meta(round_.meta, message, server_round, data.source, trained=False)
+    return round_.commit({"item_tower": global_snapshot, "meta": meta}, added, entry)
 
 
 def train_content(arrays: ArrayRecord, *, num_examples: int, train_loss: float, seconds: float) -> RecordDict:
@@ -382,13 +402,7 @@ def _train_private(message, context, settings, node, state, data, model, global_
     round_ = _PrivateRound(settings, node, state, data, context, server_round, meta)
     plan = plan_training(round_.calibration, round_.accountant, round_.count, round_.cap)
     if plan.exhausted:
-        log.warning("Node %s: this round would reach epsilon %.3f > cap %.3f; not training (budget "
-                    "exhausted).", round_.node_name, plan.epsilon_after, plan.cap)  # fmt: skip
-        added = round_.pending_count()  # a refusal that names the sampling rate releases the count
-        entry = round_.entry(plan, status="budget-exhausted", added=added)
-        record = round_.commit({"item_tower": global_snapshot,
-                                "meta": _next_meta(round_.meta, message, server_round, data.source, trained=False)},
-                               added, entry)  # fmt: skip
+        record = commit_refusal(round_, plan, message, server_round, data, global_snapshot, what="this round")
         return _private_reply(message, message.content["arrays"], record, exhausted=True)
 
     interaction = settings.privacy_unit == "interaction"

@@ -151,13 +151,18 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def spectral_layout(settings: RunSettings, catalogue: Catalogue) -> SpectralLayout:
+    """Where the spectral tower's blocks sit: public run config and catalogue only, so every party agrees."""
+    return SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features)
+
+
 def model_config(settings: RunSettings, catalogue: Catalogue, num_users: int) -> TwoTowerConfig:
     """The one model shape every party derives from the public catalogue and run config.
 
     The spectral DP tower (fedtower.privacy.spectral) carries the public content in a block of its id
     table instead of a content MLP, and the user vector's blocks are each of unit length."""
     if settings.spectral:
-        layout = SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features)
+        layout = spectral_layout(settings, catalogue)
         return TwoTowerConfig(num_items=len(catalogue), num_users=num_users, dim=settings.dim, content_dim=0,
                               pooling=settings.pooling, user_blocks=layout.blocks)  # fmt: skip
     return TwoTowerConfig(

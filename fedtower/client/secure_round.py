@@ -36,14 +36,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtower.client.dp_training import DPConfig, DPTrainer
-from fedtower.client.local import (
-    build_model,
-    load_node_data,
-    load_user_embeddings,
-    pick_device,
-    serving_meta,
-    user_embeddings_payload,  # fmt: skip
-)
+from fedtower.client.local import load_user_embeddings, pick_device, spectral_layout, user_embeddings_payload
 from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import PrivacyRefusal, plan_secure_spectral, plan_training
 from fedtower.client.spectral_round import (
@@ -58,8 +51,8 @@ from fedtower.client.spectral_round import (
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import signed_to_config_record
 from fedtower.privacy.quantization import clip_coordinates, quantize_and_sum, site_range
-from fedtower.privacy.spectral import per_user_entries, sensitivity, upper_size
 from fedtower.privacy.skellam import skellam_noise
+from fedtower.privacy.spectral import per_user_entries, sensitivity, upper_size
 from fedtower.secure_aggregation.protocol import SecAggConfig, SecAggSite, encode_signed
 
 log = logging.getLogger("fedtower.client")
@@ -153,7 +146,7 @@ def _unmask(config, context, settings, state, server_round) -> RecordDict:
 
 def _masked_input(message, config, context, settings, node, state, server_round) -> RecordDict:
     # Imported here: handlers imports this module.
-    from fedtower.client.handlers import _next_meta, _PrivateRound, load_global_item_tower
+    from fedtower.client.handlers import _next_meta, commit_refusal, open_round
 
     site, masked_before = _load(state, settings, server_round, "masked-input")
     if masked_before:
@@ -161,56 +154,25 @@ def _masked_input(message, config, context, settings, node, state, server_round)
                              "same masks would let the coordinator subtract the two. Refusing.")  # fmt: skip
     received = dict(zip((int(n) for n in config.get("from", [])), config.get("ciphertexts", [])))
     threshold, participants = site.config.threshold, len(site.config.participants)
+    # What is summed: one spectral release of item statistics, or one DP-SGD step's clipped user gradients.
+    plan_input, integer_total = (_plan_spectral, _spectral_total) if settings.spectral else (_plan_step, _step_total)
     with state.round_lock(node.train_lock_timeout):
-        data = load_node_data(settings, node)
-        model = build_model(settings, data.catalogue, len(data.users))
-        load_global_item_tower(model, message.content["arrays"])
-        keys = list(model.item_tower_state())
-        global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
-        meta = state.load("meta", default={}) or {}
-        meta = {**meta, "serving": serving_meta(settings, node)}
+        data, model, global_snapshot, meta = open_round(message, settings, node, state)
         length = site.config.vector_length
-        release = str(config.get(RELEASE_KEY, "")) if settings.spectral else ""
-        if settings.spectral:
-            # The spectral tower's releases: their calibration is planned from the catalogue's size.
-            round_ = _PrivateRound(settings, node, state, data, context, server_round, meta,
-                                   vector_length=model.config.num_items)  # fmt: skip
-            calibration = round_.calibration
-            plan = plan_secure_spectral(calibration, round_.accountant, round_.count, round_.cap, release,
-                                        model.config.num_items)  # fmt: skip
-        else:
-            if length != sum(model.item_tower_state()[k].numel() for k in keys):
-                raise ValueError(f"The round's vector length {length} is not this node's item tower's size.")
-            round_ = _PrivateRound(settings, node, state, data, context, server_round, meta, vector_length=length)
-            calibration = round_.calibration
-            plan = plan_training(calibration, round_.accountant, round_.count, round_.cap)
+        round_, plan = plan_input(settings, node, state, data, context, server_round, meta, model, config, length)
+        calibration = round_.calibration
         trust = trust_assumptions(threshold, participants)
         if plan.exhausted:
-            log.warning("Node %s: this round would reach epsilon %.3f > cap %.3f; not sending a masked input.",
-                        round_.node_name, plan.epsilon_after, plan.cap)  # fmt: skip
-            entry = round_.entry(plan, status="budget-exhausted", added=[], trust=trust)
-            record = round_.commit({"item_tower": global_snapshot, "meta": _next_meta(
-                round_.meta, message, server_round, data.source, trained=False)}, [], entry)  # fmt: skip
+            record = commit_refusal(round_, plan, message, server_round, data, global_snapshot,
+                                    what="this masked input", added=[], trust=trust)  # fmt: skip
             metrics = MetricRecord({"num-examples": 1, "budget-exhausted": 1})
             return RecordDict({"metrics": metrics, "ledger": signed_to_config_record(record)})
         model.to(pick_device(settings.device))
-        if settings.spectral:
-            total = integer_spectral_sum(release, settings, data.split.train, model, config, message.content["arrays"],
-                                         l2_units=calibration.l2_units, randomness=round_.randomness.spawn("quantize"))
-            model.cpu()
-            if total.numel() != length:
-                raise ValueError(f"The round's vector length {length} is not this node's {release} release's size.")
-            noise_multiplier = plan.own[1]
-        else:
-            load_user_embeddings(model, data.users, state.load("users", default=None))
-            trainer = DPTrainer(model, _step_config(settings, calibration, node),
-                                randomness=round_.randomness.spawn("sgd"))  # fmt: skip
-            try:
-                total, _batch = trainer.integer_user_sum(data.split.train, keys=keys, l2_bound=calibration.l2_units)
-            finally:
-                trainer.detach()
-            model.cpu()
-            noise_multiplier = calibration.noise_multiplier
+        total, noise_multiplier = integer_total(settings, node, state, data, model, config, message, round_, plan)
+        model.cpu()
+        if total.numel() != length:
+            raise ValueError(f"The round's vector length {length} is not the size of this node's masked input "
+                             f"({total.numel()}).")  # fmt: skip
         mu = noise_share_mu(noise_multiplier, calibration.l2_units, threshold)
         mu *= (node.test_only_noise_scale or 1.0) ** 2
         noise_std = math.sqrt(2 * mu)
@@ -235,8 +197,50 @@ def _masked_input(message, config, context, settings, node, state, server_round)
                        "ledger": signed_to_config_record(record)})  # fmt: skip
 
 
-def integer_spectral_sum(release: str, settings: RunSettings, train, model, config, arrays, *, l2_units: int,
-                         randomness) -> torch.Tensor:  # fmt: skip
+def _plan_step(settings, node, state, data, context, server_round, meta, model, config, length):
+    """A DP-SGD step's masked input: the item tower's gradient sum, calibrated for the run's planned steps."""
+    from fedtower.client.handlers import _PrivateRound
+
+    if length != sum(value.numel() for value in model.item_tower_state().values()):
+        raise ValueError(f"The round's vector length {length} is not this node's item tower's size.")
+    round_ = _PrivateRound(settings, node, state, data, context, server_round, meta, vector_length=length)
+    return round_, plan_training(round_.calibration, round_.accountant, round_.count, round_.cap)
+
+
+def _step_total(settings, node, state, data, model, config, message, round_, plan) -> tuple[torch.Tensor, float]:
+    load_user_embeddings(model, data.users, state.load("users", default=None))
+    trainer = DPTrainer(model, _step_config(settings, round_.calibration, node),
+                        randomness=round_.randomness.spawn("sgd"))  # fmt: skip
+    try:
+        total, _batch = trainer.integer_user_sum(data.split.train, keys=list(model.item_tower_state()),
+                                                 l2_bound=round_.calibration.l2_units)  # fmt: skip
+    finally:
+        trainer.detach()
+    return total, round_.calibration.noise_multiplier
+
+
+def _plan_spectral(settings, node, state, data, context, server_round, meta, model, config, length):
+    """One spectral release's masked input: calibrated from the catalogue's size (the releases' lengths)."""
+    from fedtower.client.handlers import _PrivateRound
+
+    release = str(config.get(RELEASE_KEY, ""))
+    round_ = _PrivateRound(settings, node, state, data, context, server_round, meta,
+                           vector_length=model.config.num_items)  # fmt: skip
+    plan = plan_secure_spectral(round_.calibration, round_.accountant, round_.count, round_.cap, release,
+                                model.config.num_items)  # fmt: skip
+    return round_, plan
+
+
+def _spectral_total(settings, node, state, data, model, config, message, round_, plan) -> tuple[torch.Tensor, float]:
+    release = str(config.get(RELEASE_KEY, ""))
+    total = integer_spectral_sum(release, settings, data.split.train, model, spectral_layout(settings, data.catalogue),
+                                 config, message.content["arrays"], l2_units=round_.calibration.l2_units,
+                                 randomness=round_.randomness.spawn("quantize"))  # fmt: skip
+    return total, plan.own[1]
+
+
+def integer_spectral_sum(release: str, settings: RunSettings, train, model, layout, config, arrays, *,
+                         l2_units: int, randomness) -> torch.Tensor:  # fmt: skip
     """The site's share of one spectral release before noise: each user's contribution scaled so that its
     sensitivity is `l2_units` integer units, quantized with a hard L2 bound, summed (int64)."""
     unit = settings.privacy_unit
@@ -249,7 +253,8 @@ def integer_spectral_sum(release: str, settings: RunSettings, train, model, conf
         histories, length = statistics_histories(train, unit), upper_size(len(head))
     else:
         candidates = checked_candidates(config.get(CANDIDATES_KEY))
-        per_user = selection_per_user(model, train, candidates, arrays, k=settings.k, history_len=settings.history_len)
+        per_user = selection_per_user(model, layout, train, candidates, arrays, k=settings.k,
+                                      history_len=settings.history_len)  # fmt: skip
         histories, length = train, len(candidates)
     bound = sensitivity(release, unit, num_candidates=len(per_user[0]) if per_user is not None else 1)
     users, coords, values = per_user_entries(release, histories, unit=unit, head=head, per_user=per_user)

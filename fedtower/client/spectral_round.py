@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtower.client.local import build_model, load_node_data, serving_meta
+from fedtower.client.local import spectral_layout
 from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import plan_spectral
 from fedtower.config import RunSettings
@@ -60,7 +60,7 @@ ID_KEY, BIAS_KEY = "item_tower.id_embedding.weight", "item_tower.bias.weight"
 
 def spectral_train(message: Message, context: Context, settings: RunSettings, node: NodeSettings, state) -> Message:
     # Imported here: handlers imports this module.
-    from fedtower.client.handlers import _next_meta, _PrivateRound, load_global_item_tower, private_train_content
+    from fedtower.client.handlers import _next_meta, _PrivateRound, commit_refusal, open_round, private_train_content
 
     config: ConfigRecord = message.content["config"]
     release = str(config.get(RELEASE_KEY, ""))
@@ -68,30 +68,24 @@ def spectral_train(message: Message, context: Context, settings: RunSettings, no
         raise ValueError(f"A spectral round needs config {RELEASE_KEY!r} in {list(RELEASES)}, got {release!r}.")
     server_round = int(config.get("server-round", 0))
     with state.round_lock(node.train_lock_timeout):
-        data = load_node_data(settings, node)
-        model = build_model(settings, data.catalogue, len(data.users))
-        load_global_item_tower(model, message.content["arrays"])
-        global_snapshot = {k: v.clone() for k, v in model.item_tower_state().items()}
-        meta = state.load("meta", default={}) or {}
-        meta = {**meta, "serving": serving_meta(settings, node)}
+        data, model, global_snapshot, meta = open_round(message, settings, node, state)
         round_ = _PrivateRound(settings, node, state, data, context, server_round, meta)
         plan = plan_spectral(round_.calibration, round_.accountant, round_.count, round_.cap, release)
         if plan.exhausted:
-            log.warning("Node %s: the %s release would reach epsilon %.3f > cap %.3f; not releasing it.",
-                        round_.node_name, release, plan.epsilon_after, plan.cap)  # fmt: skip
-            added = round_.pending_count()
-            entry = round_.entry(plan, status="budget-exhausted", added=added)
-            record = round_.commit({"item_tower": global_snapshot, "meta": _next_meta(
-                round_.meta, message, server_round, data.source, trained=False)}, added, entry)  # fmt: skip
+            record = commit_refusal(round_, plan, message, server_round, data, global_snapshot,
+                                    what=f"the {release} release")  # fmt: skip
             return Message(content=private_train_content(message.content["arrays"], record, exhausted=True),
                            reply_to=message)  # fmt: skip
-        vector, bound = site_statistic(release, settings, data.split.train, model, config, message.content["arrays"])
+        layout = spectral_layout(settings, data.catalogue)
+        vector, bound = site_statistic(release, settings, data.split.train, model, layout, config,
+                                       message.content["arrays"])  # fmt: skip
         std = plan.own[0] * bound * (node.test_only_noise_scale or 1.0)
         noise = round_.randomness.spawn(f"spectral-{release}").standard_normal(vector.size, dtype=torch.float64)
         noisy = vector + std * noise.numpy()
         entry = round_.entry(plan, status="trained", added=plan.added, mechanism="gaussian", max_grad_norm=bound,
                              release="item-statistics")  # fmt: skip
-        components = {"item_tower": global_snapshot, "meta": _next_meta(round_.meta, message, server_round, data.source)}
+        meta = _next_meta(round_.meta, message, server_round, data.source)
+        components = {"item_tower": global_snapshot, "meta": meta}
         record = round_.commit(components, plan.added, entry)
     # The noise std is public: it follows from the site's calibration (in its ledger) and the release.
     metrics = MetricRecord({"num-examples": 1, "budget-exhausted": 0, NOISE_STD_KEY: float(std)})
@@ -99,8 +93,8 @@ def spectral_train(message: Message, context: Context, settings: RunSettings, no
                                        "ledger": signed_to_config_record(record)}), reply_to=message)  # fmt: skip
 
 
-def site_statistic(release: str, settings: RunSettings, train: UserHistories, model, config: ConfigRecord,
-                   arrays: ArrayRecord) -> tuple[np.ndarray, float]:  # fmt: skip
+def site_statistic(release: str, settings: RunSettings, train: UserHistories, model, layout: SpectralLayout,
+                   config: ConfigRecord, arrays: ArrayRecord) -> tuple[np.ndarray, float]:  # fmt: skip
     """The site's sum for `release` before noise, and its L2 sensitivity."""
     unit = settings.privacy_unit
     num_items = model.config.num_items
@@ -110,7 +104,7 @@ def site_statistic(release: str, settings: RunSettings, train: UserHistories, mo
         head = checked_head(config.get(HEAD_KEY), num_items)
         return user_cooccurrence(statistics_histories(train, unit), head, unit), sensitivity(release, unit)
     candidates = checked_candidates(config.get(CANDIDATES_KEY))
-    sums = selection_sums(model, train, candidates, arrays, k=settings.k, history_len=settings.history_len)
+    sums = selection_sums(model, layout, train, candidates, arrays, k=settings.k, history_len=settings.history_len)
     return sums, sensitivity(release, unit, num_candidates=len(candidates))
 
 
@@ -128,18 +122,18 @@ def histories_from_lists(users: list[str], lists: list[np.ndarray]) -> UserHisto
     return UserHistories(list(users), indptr, items, np.ones(len(items), dtype=np.float32))
 
 
-def selection_sums(model, train: UserHistories, candidates: list[tuple[float, float, float]], arrays: ArrayRecord,
-                   *, k: int, history_len: int) -> np.ndarray:  # fmt: skip
+def selection_sums(model, layout: SpectralLayout, train: UserHistories, candidates: list[tuple[float, float, float]],
+                   arrays: ArrayRecord, *, k: int, history_len: int) -> np.ndarray:  # fmt: skip
     """For each candidate weighting: the sum over users of NDCG@k on their own held-out latest items."""
-    return selection_per_user(model, train, candidates, arrays, k=k, history_len=history_len).sum(0)
+    return selection_per_user(model, layout, train, candidates, arrays, k=k, history_len=history_len).sum(0)
 
 
-def selection_per_user(model, train: UserHistories, candidates: list[tuple[float, float, float]],
-                       arrays: ArrayRecord, *, k: int, history_len: int, chunk: int = 256) -> np.ndarray:  # fmt: skip
+def selection_per_user(model, layout: SpectralLayout, train: UserHistories,
+                       candidates: list[tuple[float, float, float]], arrays: ArrayRecord, *, k: int,
+                       history_len: int, chunk: int = 256) -> np.ndarray:  # fmt: skip
     """users x K: each user's NDCG@k on their own latest SELECTION_HOLDOUT share of training items, ranking the
     catalogue without their other training items, under each candidate weighting of the tower in `arrays`.
     Every value lies in [0, 1]; a user with nothing held out has 0 everywhere."""
-    layout = SpectralLayout(dim=model.config.dim, content_dim=model.config.dim - model.config.user_blocks[0])
     table, bias = arrays[ID_KEY].numpy(), arrays[BIAS_KEY].numpy()
     kept, held = selection_split(train)
     values = np.zeros((len(train), len(candidates)))

@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedtower.central import popularity_baseline
-from fedtower.client.local import build_model, cached_dataset
-from fedtower.data.prepared import prepare_split
+from fedtower.client.local import build_model, cached_dataset, spectral_layout
 from fedtower.config import RunSettings
+from fedtower.data.prepared import prepare_split
 from fedtower.privacy.ledger import (
     LedgerMonitor,
     ServerLedger,
@@ -30,6 +30,7 @@ from fedtower.privacy.ledger import (
     ledger_line_of,
     plot_epsilon,
 )
+from fedtower.privacy.spectral import content_block
 from fedtower.server.report import plot_metrics, reference_table, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.client_dp import (
@@ -47,7 +48,6 @@ from fedtower.strategies.item_tower import (
     restore_strategy_state,
     strategy_state,
 )
-from fedtower.privacy.spectral import SpectralLayout, content_block
 from fedtower.strategies.secure_dp import SecureDPStep
 from fedtower.strategies.spectral import SecureSpectralTower, SpectralBuilder, SpectralItemTower
 
@@ -108,12 +108,14 @@ def secure_dp_step(settings: RunSettings) -> SecureDPStep:
 def spectral_item_tower(settings: RunSettings) -> SpectralItemTower:
     """The spectral DP item tower (run config dp-mechanism = "spectral"), from the public catalogue."""
     catalogue = cached_dataset(settings.data).catalogue
-    builder = SpectralBuilder(layout=SpectralLayout(dim=settings.dim, content_dim=catalogue.num_features),
+    builder = SpectralBuilder(layout=spectral_layout(settings, catalogue),
                               num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)))
     if settings.secure_aggregation:
-        return SecureSpectralTower(builder=builder, l2_units=settings.secagg_scale, threshold=settings.secagg_threshold,
-                                   stage_timeout=settings.round_timeout, min_available_nodes=settings.min_available_nodes,
-                                   min_train_nodes=settings.min_train_nodes, fraction_evaluate=settings.fraction_evaluate,
+        return SecureSpectralTower(builder=builder, l2_units=settings.secagg_scale,
+                                   threshold=settings.secagg_threshold, stage_timeout=settings.round_timeout,
+                                   min_available_nodes=settings.min_available_nodes,
+                                   min_train_nodes=settings.min_train_nodes,
+                                   fraction_evaluate=settings.fraction_evaluate,
                                    min_evaluate_nodes=settings.min_evaluate_nodes)  # fmt: skip
     return SpectralItemTower(builder=builder,
                              min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,

@@ -21,8 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtower.strategies.secure_dp import SecureDPStep
-
 from fedtower.client.spectral_round import (
     BIAS_KEY,
     CANDIDATES_KEY,
@@ -34,16 +32,17 @@ from fedtower.client.spectral_round import (
 )
 from fedtower.privacy.spectral import (
     RELEASES,
-    sensitivity,
     SpectralLayout,
     choose_head,
     item_tower_arrays,
     popularity_prior,
     reweighted,
+    sensitivity,
     spectral_vectors,
     symmetric_from_upper,
     upper_size,
 )
+from fedtower.strategies.secure_dp import SecureDPStep
 
 log = logging.getLogger("fedtower.server")
 
@@ -147,14 +146,16 @@ class SpectralBuilder:
         lines = [f"Item tower: spectral DP (dp-mechanism = spectral; {mode})"]
         for release in RELEASES:
             if release in self.noise_std:
-                lines.append(f"  {release}: sum of {self.sites[release]} site(s), noise std {self.noise_std[release]:.4g}")
+                std = self.noise_std[release]
+                lines.append(f"  {release}: sum of {self.sites[release]} site(s), noise std {std:.4g}")
         if self.head is not None:
             lines.append(f"  head: {len(self.head)} of {self.num_items} items; spectral rank {self.rank}")
         if self.choice is not None:
             names = ("collaborative", "content and popularity" if self.layout.content_dim else "collaborative and "
                      "popularity", "DP popularity alone")  # fmt: skip
             sums = ", ".join(f"{names[i]} {v:.1f}" for i, v in enumerate(self.selection))
-            lines.append(f"  weighting chosen: {names[self.choice]} {self.candidates[self.choice]} (noisy sums: {sums})")
+            chosen = f"{names[self.choice]} {self.candidates[self.choice]}"
+            lines.append(f"  weighting chosen: {chosen} (noisy sums: {sums})")
         return "\n".join(lines)
 
 
@@ -176,7 +177,8 @@ class SpectralItemTower(FedAvg):
 
     def summary(self) -> None:
         log.info("SpectralItemTower: a DP item tower from three Gaussian releases per site (histogram, "
-                 "co-occurrence of the head items, choice among %d weightings)", len(self.builder.candidates))  # fmt: skip
+                 "co-occurrence of the head items, choice among %d weightings)",
+                 len(self.builder.candidates))  # fmt: skip
         layout = self.builder.layout
         log.info("  item vectors: %d spectral + %d content dims", layout.spectral_dim, layout.content_dim)
 
