@@ -1,6 +1,7 @@
 """Cost of DP-SGD on embedding tables: the sparse lazy-noise path against Opacus.
 
     python benchmarks/dp_overhead.py --items 10000 100000 1000000
+    python benchmarks/dp_overhead.py --items 100000 --threads 2 --contend 1   # a busy machine
 
 For each catalogue size, one two-tower model (item id table + bias, a user
 table of --users rows, --dim dims) trains on the same pre-drawn batches of
@@ -29,6 +30,7 @@ the last stdout line is the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -276,6 +278,42 @@ def run_worker(args, method: str, items: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+BUSY_LOOP = "while True:\n    pass"
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """`count` processes that each keep one core busy (another job on a shared machine), stopped on exit."""
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if busy else 0.0)  # let them reach the loop before the timed run starts
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait()
+
+
+def contention_rows(args, items: int) -> dict:
+    """The sparse non-private and DP steps alone and beside `--contend` busy processes, and the slowdown."""
+    rows: dict = {"busy_processes": args.contend}
+    for method in ("nodp_sparse", "dp_sparse"):
+        alone = run_worker(args, method, items)
+        with busy_processes(args.contend):
+            contended = run_worker(args, method, items)
+        if "steps_per_s" in alone and "steps_per_s" in contended:
+            rows[method] = {"alone_steps_per_s": alone["steps_per_s"],
+                            "contended_steps_per_s": contended["steps_per_s"],
+                            "slowdown": alone["steps_per_s"] / contended["steps_per_s"]}  # fmt: skip
+            print(f"[{items:>9,} items] {method:<13} alone {alone['steps_per_s']:8.1f} steps/s, beside "
+                  f"{args.contend} busy: {contended['steps_per_s']:8.1f} ({rows[method]['slowdown']:.2f}x slower)",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            rows[method] = {"error": alone.get("error") or contended.get("error")}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -293,6 +331,8 @@ def main() -> None:
     parser.add_argument("--client-steps", type=int, default=200)
     parser.add_argument("--skip-client", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory is then reported too)")
+    parser.add_argument("--contend", type=int, default=0, metavar="N",
+                        help="also time the sparse steps beside N busy processes and report the slowdown")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "dp_client":
@@ -331,6 +371,8 @@ def main() -> None:
             if "steps_per_s" in hooks:
                 row["opacus_hooks_ratio"] = nodp["steps_per_s"] / hooks["steps_per_s"]
                 row["speedup_vs_opacus_hooks"] = dp["steps_per_s"] / hooks["steps_per_s"]
+        if args.contend:
+            row["contention"] = contention_rows(args, items)
         results[str(items)] = row
     if not args.skip_client:
         largest = max(args.items)
@@ -342,12 +384,16 @@ def main() -> None:
     print_table(results, file=sys.stderr)
     summary = {"device": args.device, "batch": args.batch, "dim": args.dim, "users": args.users,
                "negatives": args.negatives,
-               "negatives_mode": args.negatives_mode, "threads": args.threads, "results": results}  # fmt: skip
+               "negatives_mode": args.negatives_mode, "threads": args.threads, "contend": args.contend,
+               "load_average": os.getloadavg(), "results": results}  # fmt: skip
     for items, row in results.items():
         if items != "client":
             for key in ("ratio_dp_to_nodp", "opacus_ghost_ratio"):
                 if key in row:
                     summary[f"{key}@{items}"] = row[key]
+            for method, contended in row.get("contention", {}).items():
+                if isinstance(contended, dict) and "slowdown" in contended:
+                    summary[f"{method}_slowdown@{items}"] = contended["slowdown"]
     print(json.dumps(summary))
 
 

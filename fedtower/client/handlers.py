@@ -46,6 +46,7 @@ from fedtower.client.rollback import SEQUENCE_KEY, RollbackCounter
 from fedtower.client.secure_round import secure_train
 from fedtower.client.spectral_round import spectral_train
 from fedtower.client.state import ClientStateStore, StateError
+from fedtower.client.threads import use_client_threads
 from fedtower.config import RunSettings
 from fedtower.metrics import RankingSums
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
@@ -156,6 +157,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     settings = settings_of(message, context, run_config)
     node = _node(context)
     refuse_unbounded_training(settings, node)
+    use_client_threads(settings, node)
     if settings.secure_aggregation:
         return secure_train(message, context, settings, node, open_state(settings, node))
     if node.require_secure_aggregation:
@@ -443,6 +445,7 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
     """
     settings = settings_of(message, context, run_config)
     node = _node(context)
+    use_client_threads(settings, node)
     state = open_state(settings, node)
     dp_run = settings.dp_enabled or settings.client_dp != "off"
     with state.round_lock(node.train_lock_timeout):

@@ -54,6 +54,9 @@ class NodeSettings:
     rollback_counter: Path | None = None  # default: beside state-key-file, when there is one
     train_lock_timeout: float = DEFAULT_TRAIN_LOCK_TIMEOUT  # seconds a round waits for another one
     ledger_key: Path | None = None  # Ed25519 PEM that signs the ledger (default: one kept in the state)
+    # Compute: torch threads for training and evaluation (default: the cores the process may use, at most 4;
+    # in a simulation, the run's client-num-cpus). fedtower.client.threads says why.
+    torch_threads: int | None = None
     # Test-only hooks that break DP on purpose (to check the audits catch them). The ledger of every
     # such round names them, and the audit reports them.
     test_only_insecure_dp_seed: int | None = None  # reproducible DP noise
@@ -95,6 +98,8 @@ class NodeSettings:
                            ("dp-population-events", self.dp_population_events)):  # fmt: skip
             if value is not None and value < 1:
                 raise ValueError(f"Node config key {key!r} must be a positive integer, got {value}.")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"Node config key 'torch-threads' must be a positive integer, got {self.torch_threads}.")
         if self.min_secagg_threshold < 2:
             raise ValueError(
                 f"Node config key 'min-secagg-threshold' must be at least 2, got {self.min_secagg_threshold}."
@@ -141,7 +146,7 @@ class NodeSettings:
 _PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter", "ledger-key"}
 _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population-events",
          "test-only-insecure-dp-seed", "min-secagg-threshold", "test-only-secagg-drop",
-         "test-only-secagg-stall"}  # fmt: skip
+         "test-only-secagg-stall", "torch-threads"}  # fmt: skip
 _POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
 _BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation",
