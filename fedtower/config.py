@@ -22,6 +22,7 @@ CLIENT_DP_MODES = ("off", "server-side", "client-side")
 # How a DP run builds the item tower: "sgd" (DP-SGD rounds) or "spectral" (three Gaussian releases of
 # bounded per-user statistics and a tower built from them, fedtower.privacy.spectral).
 DP_MECHANISMS = ("sgd", "spectral")
+UPDATE_CODECS = ("fp32", "fp16", "int8")  # fedtower.compression.CODECS
 SPECTRAL_ROUNDS = 3
 
 
@@ -113,6 +114,9 @@ class RunSettings:
     secagg_threshold: int = 0
     secagg_scale: int = 4096  # integer units per max-grad-norm: the L2 bound of a quantized user update
     dp_federation_users: int = 0  # the public number of users in the whole federation (required)
+    # How sites send their trained item tower: fp32 as is, or the round's delta in fp16, or int8 with
+    # per-row scales and stochastic rounding (fedtower.compression; under DP applied after the noise).
+    update_compression: str = "fp32"
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
     client_dp_noise: float = 1.0
@@ -205,6 +209,13 @@ class RunSettings:
             if self.fraction_train != 1.0:
                 raise ValueError("secure-aggregation needs fraction-train = 1.0: users are sampled inside the "
                                  "sites, at a rate accounted over the whole federation.")  # fmt: skip
+        if self.update_compression not in UPDATE_CODECS:
+            raise ValueError(f"update-compression must be one of {UPDATE_CODECS}, got {self.update_compression!r}.")
+        if self.update_compression != "fp32" and (self.secure_aggregation or self.client_dp != "off"
+                                                  or self.dp_mechanism == "spectral"):  # fmt: skip
+            raise ValueError("update-compression applies to item-tower replies: it cannot be combined with "
+                             "secure-aggregation, client-dp or dp-mechanism = \"spectral\", whose replies are "
+                             "not item towers.")  # fmt: skip
         if self.client_num_gpus < 0 or self.client_num_cpus <= 0:
             raise ValueError("client-num-cpus must be positive and client-num-gpus non-negative.")
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtower.client.ledger_signing import LedgerSigner
 from fedtower.client.local import (
@@ -47,6 +47,7 @@ from fedtower.client.secure_round import secure_train
 from fedtower.client.spectral_round import spectral_train
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.client.threads import use_client_threads
+from fedtower.compression import encode_tower
 from fedtower.config import RunSettings
 from fedtower.metrics import RankingSums
 from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
@@ -193,7 +194,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
                 "meta": _next_meta(meta, message, server_round, data.source),
             }
         )
-    arrays = ArrayRecord(model.item_tower_state())
+    arrays = tower_reply_arrays(settings, model, message.content["arrays"])
     if settings.client_dp != "off":
         # Client-level DP: the update is clipped and noised across clients; a loss or a time of this one
         # person's training would leave outside that guarantee.
@@ -230,6 +231,16 @@ def commit_refusal(round_: _PrivateRound, plan, message: Message, server_round: 
     entry = round_.entry(plan, status="budget-exhausted", added=added, **entry_fields)
     meta = _next_meta(round_.meta, message, server_round, data.source, trained=False)
     return round_.commit({"item_tower": global_snapshot, "meta": meta}, added, entry)
+
+
+def tower_reply_arrays(settings: RunSettings, model: TwoTower, received: ArrayRecord) -> ArrayRecord:
+    """The trained item tower as the run sends it: fp32 as is, or its delta from `received` compressed."""
+    trained = model.item_tower_state()
+    if settings.update_compression == "fp32":
+        return ArrayRecord(trained)
+    encoded = encode_tower({k: v.detach().cpu().numpy() for k, v in trained.items()},
+                           {k: received[k].numpy() for k in trained}, codec=settings.update_compression)  # fmt: skip
+    return ArrayRecord({key: Array(value) for key, value in encoded.items()})
 
 
 def train_content(arrays: ArrayRecord, *, num_examples: int, train_loss: float, seconds: float) -> RecordDict:
@@ -427,7 +438,9 @@ def _train_private(message, context, settings, node, state, data, model, global_
     if interaction:
         components[DP_USERS] = users
     record = round_.commit(components, plan.added, entry)
-    return _private_reply(message, ArrayRecord(model.item_tower_state()), record, exhausted=False)
+    # Encoded after the noise: compression is post-processing of the DP release.
+    arrays = tower_reply_arrays(settings, model, message.content["arrays"])
+    return _private_reply(message, arrays, record, exhausted=False)
 
 
 def _private_reply(message: Message, arrays: ArrayRecord, record: dict, *, exhausted: bool) -> Message:

@@ -262,6 +262,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
         on_round_end=on_round_end,
         on_evaluate=on_evaluate,
         on_ledger=on_ledger,
+        update_codec=settings.update_compression,
     )
     remaining = settings.num_server_rounds - offset
     if remaining > 0:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedtower.compression import CODECS, decode_tower
 from fedtower.metrics import RankingSums
 from fedtower.privacy.dp_evaluation import MARKER as DP_MARKER
 from fedtower.privacy.dp_evaluation import NoisyEvaluation
@@ -83,6 +84,16 @@ def arrays_digest(arrays: ArrayRecord) -> str:
 
 def array_spec(arrays: ArrayRecord) -> ArraySpec:
     return {key: (tuple(a.shape), str(a.dtype)) for key, a in arrays.items()}
+
+
+def reply_bytes(message: Message) -> int:
+    """Bytes of the arrays a reply carries (what the site sent, before any decoding)."""
+    return int(sum(array.numpy().nbytes for record in message.content.values() if isinstance(record, ArrayRecord)
+                   for array in record.values()))  # fmt: skip
+
+
+def tower_bytes(expected: ArraySpec) -> int:
+    return int(sum(np.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in expected.values()))
 
 
 def reply_problem(message: Message, expected: ArraySpec) -> str | None:
@@ -169,6 +180,7 @@ class ItemTowerStrategy(Strategy):
         on_round_end: RoundCallback | None = None,
         on_evaluate: Callable[[int, dict], None] | None = None,
         on_ledger: Callable[[int, int, ConfigRecord], str | None] | None = None,
+        update_codec: str = "fp32",
     ) -> None:
         if eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {eval_every}.")
@@ -176,6 +188,8 @@ class ItemTowerStrategy(Strategy):
             raise ValueError(f"round_offset must be in [0, {num_rounds}], got {round_offset}.")
         if not expected_arrays:
             raise ValueError("expected_arrays must name the item tower's arrays.")
+        if update_codec not in CODECS:
+            raise ValueError(f"update_codec must be one of {CODECS}, got {update_codec!r}.")
         self.inner = inner
         self.expected_arrays = expected_arrays
         self.num_rounds = num_rounds
@@ -189,6 +203,8 @@ class ItemTowerStrategy(Strategy):
         self.current_arrays: ArrayRecord | None = None
         self.round_started = time.perf_counter()
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, reason)
+        self.update_codec = update_codec
+        self.received_bytes: list[int] = []  # this round's reply arrays, per accepted site
 
     def global_round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -199,6 +215,8 @@ class ItemTowerStrategy(Strategy):
                  self.num_rounds, self.round_offset, self.eval_every)  # fmt: skip
         log.info("  item-tower arrays: %d tensors, %d values", len(self.expected_arrays),
                  sum(int(np.prod(shape)) for shape, _ in self.expected_arrays.values()))  # fmt: skip
+        log.info("  replies: %s", "fp32 item towers" if self.update_codec == "fp32"
+                 else f"the round's delta in {self.update_codec}")  # fmt: skip
         self.inner.summary()
 
     # ------------------------------------------------------------------ train
@@ -246,9 +264,14 @@ class ItemTowerStrategy(Strategy):
                 self.exhausted.add(node)
                 log.info("Round %d: node %d has spent its privacy budget and did not train.", current, node)
                 continue
-            problem = None if inner_checks else reply_problem(message, self.expected_arrays)
+            problem, size = None, reply_bytes(message)
+            if not inner_checks and self.update_codec != "fp32":
+                problem = self._decode_reply(message)
+            if problem is None and not inner_checks:
+                problem = reply_problem(message, self.expected_arrays)
             if problem is None:
                 accepted.append(message)
+                self.received_bytes.append(size)
             else:
                 self.rejected.append((current, node, problem))
                 log.warning("Round %d: rejected the reply of node %d: %s", current, node, problem)
@@ -263,8 +286,30 @@ class ItemTowerStrategy(Strategy):
             self.current_arrays = arrays
         if self.on_round_end is not None and self.current_arrays is not None:
             seconds = time.perf_counter() - self.round_started
-            self.on_round_end(current, self.current_arrays, {**dict(metrics or {}), "round-seconds": seconds})
+            traffic = {"sent-bytes-per-site": float(tower_bytes(self.expected_arrays))}
+            if self.received_bytes:
+                traffic["received-bytes-per-site"] = float(np.mean(self.received_bytes))
+            self.on_round_end(current, self.current_arrays,
+                              {**dict(metrics or {}), "round-seconds": seconds, **traffic})  # fmt: skip
+        self.received_bytes = []
         return arrays, metrics
+
+    def _decode_reply(self, message: Message) -> str | None:
+        """Replace a compressed reply's arrays by the tower they stand for; why not, if they cannot be."""
+        names = [name for name, record in message.content.items() if isinstance(record, ArrayRecord)]
+        if len(names) != 1 or self.current_arrays is None:
+            return f"it holds {len(names)} ArrayRecords instead of exactly one"
+        base = {key: self.current_arrays[key].numpy() for key in self.expected_arrays}
+        received = message.content[names[0]]
+        try:
+            tower = decode_tower({k: a.numpy() for k, a in received.items()}, base, codec=self.update_codec)
+        except ValueError as error:
+            return str(error)
+        content = message.content
+        content[names[0]] = ArrayRecord({key: Array(value.astype(self.expected_arrays[key][1]))
+                                         for key, value in tower.items()})  # fmt: skip
+        message.content = content
+        return None
 
     # --------------------------------------------------------------- evaluate
     def wants_evaluation(self, current: int) -> bool:
