@@ -11,14 +11,14 @@ DATA = "synthetic:users=150,items=400,seed=4"
 SITES = {"allow-plaintext-state": True, "allow-raw-evaluation": True}
 
 
-def run(tmp_path, name, **overrides):
+def run(tmp_path, name, full=False, **overrides):
     settings = RunSettings.from_run_config({
         "data": DATA, "num-sites": 3, "dim": 16, "history-len": 30, "num-negatives": 32, "num-server-rounds": 3,
         "eval-every": 3, "local-epochs": 1, "output-dir": str(tmp_path), "run-name": name, **overrides})  # fmt: skip
     result, grid = simulate_in_process(settings, site_config=SITES)
     final = [row for row in result["history"] if row["phase"] == "evaluate"][-1]
     train = [row for row in result["history"] if row["phase"] == "train"]
-    return final, train, grid
+    return (final, train, grid, result) if full else (final, train, grid)
 
 
 def test_the_config_and_the_codec_agree_on_the_choices():
@@ -44,11 +44,13 @@ def test_int8_replies_are_about_4x_smaller_and_the_federation_learns_the_same(tm
 @pytest.mark.simulation
 def test_a_dp_run_compresses_after_the_noise_and_keeps_its_ledger(tmp_path):
     # Execute
-    final, train, grid = run(tmp_path, "dp", **{"update-compression": "fp16", "noise-multiplier": 1.0,
-                                                "dp-batch-size": 16, "privacy-unit": "interaction"})  # fmt: skip
+    final, train, grid, result = run(tmp_path, "dp", full=True, **{
+        "update-compression": "fp16", "noise-multiplier": 1.0, "dp-batch-size": 16, "privacy-unit": "interaction"})
     # Assert: every round trained and was accounted; replies were half size.
     assert len(train) == 3 and all(row["received-bytes-per-site"] * 1.9 < row["sent-bytes-per-site"] for row in train)
     assert np.isfinite(final["ndcg@20"])
+    trained = [e for e in result["ledger"] if e["status"] == "trained" and e["release"] != "evaluation-sums"]
+    assert trained and {e["release"] for e in trained} == {"item-tower-delta-fp16"}
 
 
 def test_a_reply_that_is_not_the_towers_delta_is_refused_naming_the_tensor():

@@ -427,7 +427,9 @@ def _train_private(message, context, settings, node, state, data, model, global_
                                    item_optimizer_state=state.load("dp_optimizer", default=None),
                                    node=node)  # fmt: skip
     model.cpu()
-    entry = round_.entry(plan, status="trained", added=plan.added, mechanism="dp-sgd")
+    compressed = settings.update_compression != "fp32"
+    entry = round_.entry(plan, status="trained", added=plan.added, mechanism="dp-sgd",
+                         release=f"item-tower-delta-{settings.update_compression}" if compressed else "")  # fmt: skip
     users = user_embeddings_payload(model, data.users)
     components = {
         "users": users,

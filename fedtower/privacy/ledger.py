@@ -76,7 +76,10 @@ STATUSES: tuple[str, ...] = ("trained", "budget-exhausted", "evaluated", "raw-ev
 # skellam: the distributed Skellam mechanism under secure aggregation (its trust assumptions in `trust`).
 MECHANISMS: tuple[str, ...] = ("dp-sgd", "gaussian", "skellam", "none")
 # item-statistics: one of the spectral DP tower's sums (fedtower.privacy.spectral), released instead of a tower.
-RELEASES: tuple[str, ...] = ("item-tower", "item-statistics", "evaluation-sums", "raw-evaluation", "nothing")
+# item-tower-delta-<codec>: the DP tower's delta from the received one, compressed after the noise
+# (update-compression; post-processing, so the same guarantee as item-tower).
+RELEASES: tuple[str, ...] = ("item-tower", "item-tower-delta-fp16", "item-tower-delta-int8", "item-statistics",
+                             "evaluation-sums", "raw-evaluation", "nothing")  # fmt: skip
 WEIGHTS: tuple[str, ...] = ("constant", "examples")
 ACCOUNTANTS: tuple[str, ...] = ("rdp",)
 ADJACENCY = {"user": "add-or-remove-one-user", "interaction": "add-or-remove-one-event",
