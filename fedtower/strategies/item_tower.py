@@ -87,9 +87,10 @@ def array_spec(arrays: ArrayRecord) -> ArraySpec:
 
 
 def reply_bytes(message: Message) -> int:
-    """Bytes of the arrays a reply carries (what the site sent, before any decoding)."""
-    return int(sum(array.numpy().nbytes for record in message.content.values() if isinstance(record, ArrayRecord)
-                   for array in record.values()))  # fmt: skip
+    """Bytes of the arrays a reply carries (what the site sent, before any decoding), from their shapes and
+    dtypes: decoding each array here would copy a whole tower per reply on the aggregation path."""
+    return int(sum(np.prod(array.shape) * np.dtype(array.dtype).itemsize for record in message.content.values()
+                   if isinstance(record, ArrayRecord) for array in record.values()))  # fmt: skip
 
 
 def tower_bytes(expected: ArraySpec) -> int:
