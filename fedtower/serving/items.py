@@ -25,7 +25,7 @@ import torch
 from fedtower.data.schema import Catalogue
 from fedtower.models.two_tower import ItemTower
 from fedtower.serving.scoring import ItemTable
-from fedtower.serving.types import ItemExistsError
+from fedtower.serving.types import ItemExistsError, TableOptions
 
 log = logging.getLogger("fedtower.serving")
 
@@ -51,13 +51,14 @@ class ServedItems:
         self.titles = items["title"].fillna("").astype(str).tolist()
         self.categories = [tuple(c) if isinstance(c, (tuple, list)) else () for c in items["categories"]]
         self.prices = pd.to_numeric(items["price"], errors="coerce").to_numpy(np.float64)
+        self.has_prices = bool(np.isfinite(self.prices).any())
 
     @property
     def local_ids(self) -> list[str]:
         return self.catalogue.index.ids[self.base_items :]
 
     @classmethod
-    def build(cls, catalogue: Catalogue, vectors: np.ndarray, bias: np.ndarray, *, precision: str,
+    def build(cls, catalogue: Catalogue, vectors: np.ndarray, bias: np.ndarray, *, table: TableOptions,
               content_tower: ItemTower | None, local: Sequence[Mapping] = (), base_items: int | None = None,
               generation: int = 0, round: int | None = None) -> ServedItems:  # fmt: skip
         """The table of `catalogue` (vectors, bias) with the `local` items (parsed entries) appended."""
@@ -74,12 +75,12 @@ class ServedItems:
             vectors = np.vstack([vectors, new_vectors])
             bias = np.concatenate([bias, np.full(len(local), typical, dtype=np.float32)])
             catalogue = _extended(catalogue, local, features)
-        return cls(catalogue=catalogue, table=ItemTable(vectors, bias, precision), content_tower=content_tower,
+        return cls(catalogue=catalogue, table=ItemTable(vectors, bias, table), content_tower=content_tower,
                    base_items=base_items, generation=generation, round=round)  # fmt: skip
 
     def with_local(self, local: Sequence[Mapping]) -> ServedItems:
         """A new table with `local` (parsed, new ids) appended; this one is left as it was."""
-        return ServedItems.build(self.catalogue, self.table.vectors, self.table.bias, precision=self.table.precision,
+        return ServedItems.build(self.catalogue, self.table.vectors, self.table.bias, table=self.table.options,
                                  content_tower=self.content_tower, local=local, base_items=self.base_items,
                                  generation=self.generation, round=self.round)  # fmt: skip
 

@@ -42,6 +42,7 @@ from fedtower.serving.types import (
     Filters,
     Recommendation,
     ServingConfig,
+    TableOptions,
     UnknownItemError,
     UnknownUserError,
 )
@@ -98,7 +99,7 @@ class Recommender:
             raise ValueError(
                 f"The item table has {item_vectors.shape[0]} rows but the catalogue {len(catalogue)} items."
             )
-        self._items = items or ServedItems.build(catalogue, item_vectors, item_bias, precision=self.config.precision,
+        self._items = items or ServedItems.build(catalogue, item_vectors, item_bias, table=self.config.table_options,
                                                  content_tower=content_tower)  # fmt: skip
         self.users = [str(u) for u in users]
         self._user_row = {u: row for row, u in enumerate(self.users)}
@@ -113,6 +114,7 @@ class Recommender:
         self._changed: set[str] = set()  # users whose rows record() changed since a training save came in
         self.store, self.event_log, self._sync = store, event_log, sync
         self._prior: np.ndarray | None = None  # site prior for cold start, computed on first use
+        self._index_fallbacks = 0  # queries the index could not serve (too narrow filters): served exactly
         self.behaviour_weights = BehaviourWeights()
 
     # The item side is one object, swapped whole when a newer snapshot or a local item comes in.
@@ -133,14 +135,18 @@ class Recommender:
         run_config: dict | None = None,
         node_config: dict | None = None,
         precision: str = "fp32",
+        index: str = "auto",
+        index_probes: int = 32,
         store: ClientStateStore | None = None,
     ) -> Recommender:
         """Load the latest global item tower, the private user state and the node's data.
 
         run_config / node_config default to what the node saved in its meta at
         its last round (the run config, and `data-path` or `partition-id` /
-        `num-partitions`); given values override them.
+        `num-partitions`); given values override them. precision / index /
+        index_probes: how the item table is held and searched (see TableOptions).
         """
+        table = TableOptions(precision=precision, index=index, index_probes=index_probes)
         state_dir = Path(state_dir).expanduser()
         if store is None:
             store = ClientStateStore.for_node(state_dir, node_config)
@@ -163,7 +169,7 @@ class Recommender:
         settings = replace(settings, dim=dim)  # the snapshot knows its own width
         data = load_node_data(settings, node)
         items = items_from_snapshot(snapshot, settings, data.catalogue, stored_local_items(saved[LOCAL_ITEMS]),
-                                    precision, generation=versions["item_tower"],
+                                    table, generation=versions["item_tower"],
                                     round=meta.get("last_round") if isinstance(meta, dict) else None)  # fmt: skip
         users, free, new_users = _user_table(users_state, data.users, dim)
         histories, weights = {}, {}
@@ -175,8 +181,9 @@ class Recommender:
         shape = model_config(settings, data.catalogue, 0)
         config = ServingConfig(history_len=settings.history_len, recency=shape.recency, user_blocks=shape.user_blocks,
                                pooling=settings.pooling, pool_history=not interaction_dp,
-                               precision=precision, user_l2=settings.user_l2)  # fmt: skip
-        sync = StateSync(store, settings, data.catalogue, precision, versions)
+                               precision=precision, index=index, index_probes=index_probes,
+                               user_l2=settings.user_l2)  # fmt: skip
+        sync = StateSync(store, settings, data.catalogue, table, versions)
         recommender = cls(catalogue=items.catalogue, item_vectors=items.table.vectors, item_bias=items.table.bias,
                           users=users, free=free, histories=histories, history_weights=weights, config=config,
                           store=store, event_log=EventLog(store), new_users=new_users, items=items,
@@ -330,6 +337,18 @@ class Recommender:
             raise ValueError(f"diversity must be between 0 and 1, got {diversity!r}.")
         if category_cap is not None and (not isinstance(category_cap, int) or category_cap < 1):
             raise ValueError(f"category_cap must be a positive integer, got {category_cap!r}.")
+        plain = diversity == 0 and category_cap is None
+        pool = k if plain else max(self.config.rerank_pool, 10 * k)
+        found = self._index_candidates(vector, exclude_rows, filters, pool, novelty)
+        if found is not None:
+            rows, ranking = found  # the index's candidates that may be returned, scored exactly
+            if plain:
+                picked = rows[top_k(ranking, k)]
+            else:
+                picked = self._rerank(ranking, pool, k, diversity, category_cap, rows)
+            if len(picked) == k or category_cap is None:
+                return picked, self.table.scores_of(picked, vector)
+            # The category cap emptied the candidates: the exact path below searches the whole catalogue.
         # One catalogue-sized array, modified in place: at 10^6 items every extra pass costs ~1 ms.
         ranking = self.table.scores(vector)
         if novelty:
@@ -337,10 +356,9 @@ class Recommender:
         ranking[exclude_rows] = -np.inf
         if filters is not None and filters.active:
             ranking[~self.filter_mask(filters)] = -np.inf
-        if diversity == 0 and category_cap is None:
+        if plain:
             rows = top_k(ranking, k)
         else:
-            pool = max(self.config.rerank_pool, 10 * k)
             rows = self._rerank(ranking, pool, k, diversity, category_cap)
             if len(rows) < k and category_cap is not None and pool < len(ranking):
                 # The cap emptied the pool: search the whole catalogue (plain order, or a wider MMR pool).
@@ -348,36 +366,77 @@ class Recommender:
                 rows = self._rerank(ranking, wider, k, diversity, category_cap)
         return rows, ranking[rows] + novelty * self.table.bias[rows]  # the model's scores of the picks
 
-    def _rerank(self, ranking, pool, k, diversity, category_cap) -> np.ndarray:
+    def _index_candidates(self, vector, exclude_rows, filters, need, novelty):
+        """(rows, exact ranking scores) of the index's candidates that may be returned, at least `need` of
+        them; None where there is no index or it cannot find enough (the caller then scores everything).
+
+        Over-fetches by the excluded rows, then widens the search (4x the candidates, 2x the lists) until
+        `need` survive the filters; a filter so narrow that a wide search still comes up short is served
+        exactly rather than approximately.
+        """
+        index = self.table.index
+        if index is None:
+            return None
+        active = filters is not None and filters.active
+        fetch = max(need + len(exclude_rows), 2 * need, 64)
+        probes = index.probes
+        while True:
+            rows = index.candidates(vector, 1.0 - novelty, fetch, probes=probes)
+            keep = ~np.isin(rows, exclude_rows)
+            if active:
+                keep &= self.filter_mask(filters, rows)
+            if keep.sum() >= need:
+                rows = rows[keep]
+                ranking = self.table.scores_of(rows, vector)
+                if novelty:
+                    ranking -= novelty * self.table.bias[rows]
+                return rows, ranking
+            if fetch * 8 >= index.num_items or probes >= index.lists:
+                self._index_fallbacks += 1
+                return None
+            fetch, probes = 4 * fetch, min(2 * probes, index.lists)
+
+    def _rerank(self, ranking, pool, k, diversity, category_cap, rows=None) -> np.ndarray:
+        """Catalogue rows: MMR and / or the category cap over the `pool` best of `ranking`
+        (`ranking[j]` scores row `rows[j]`, or row j where `rows` is None)."""
         candidates = top_k(ranking, pool)
+        relevance = ranking[candidates]
+        if rows is not None:
+            candidates = rows[candidates]
         ordered = candidates
         if diversity > 0:
             unit = unit_rows(self.table.vectors[candidates])
             picks = len(candidates) if category_cap is not None else k
-            ordered = mmr(candidates, ranking[candidates], unit, picks, diversity)
+            ordered = mmr(candidates, relevance, unit, picks, diversity)
         if category_cap is not None:
             return cap_categories(ordered, self.categories, category_cap, k)
         return ordered[:k]
 
-    def filter_mask(self, filters: Filters) -> np.ndarray:
-        """Items the filters allow (bool [N])."""
-        keep = np.ones(len(self.catalogue), dtype=bool)
+    def filter_mask(self, filters: Filters, rows: np.ndarray | None = None) -> np.ndarray:
+        """Which items the filters allow (bool [N]; of `rows` only, bool [len(rows)], where given)."""
+        def of(values: np.ndarray) -> np.ndarray:
+            return values if rows is None else values[rows]
+
+        keep = np.ones(len(self.catalogue) if rows is None else len(rows), dtype=bool)
         if filters.categories is not None:
-            keep &= np.logical_or.reduce([self._category_mask(c) for c in filters.categories]
+            keep &= np.logical_or.reduce([of(self._category_mask(c)) for c in filters.categories]
                                          or [np.zeros_like(keep)])  # fmt: skip
         if filters.min_price is not None or filters.max_price is not None:
-            price = self.prices
-            known = np.isfinite(price)
-            if not known.any():
+            if not self._items.has_prices:
                 raise ValueError("Filter 'price' cannot be applied: this catalogue has no prices.")
+            price = of(self.prices)
+            known = np.isfinite(price)
             low = -np.inf if filters.min_price is None else filters.min_price
             high = np.inf if filters.max_price is None else filters.max_price
             keep &= known & (np.nan_to_num(price) >= low) & (np.nan_to_num(price) <= high)
         if filters.available is not None:
-            allowed = np.zeros_like(keep)
-            rows = [self.row_of_item(i, field="available") for i in filters.available]
-            allowed[rows] = True
-            keep &= allowed
+            allowed = np.asarray([self.row_of_item(i, field="available") for i in filters.available], dtype=np.int64)
+            if rows is None:
+                mask = np.zeros_like(keep)
+                mask[allowed] = True
+                keep &= mask
+            else:
+                keep &= np.isin(rows, allowed)
         return keep
 
     def _category_mask(self, category: str) -> np.ndarray:
@@ -706,9 +765,11 @@ class Recommender:
         """What is served: the snapshot's generation and round, local items, the last reload error (no users)."""
         items = self._items
         errors = list(self._sync.errors.values()) if self._sync is not None else []
+        index = items.table.index
+        search = {"kind": "exact"} if index is None else {**index.stats.to_dict(), "fallbacks": self._index_fallbacks}
         return {"items": len(items.catalogue), "local_items": len(items.local_ids),
                 "snapshot": {"generation": items.generation, "round": items.round, "loaded_at": items.loaded_at},
-                "reload_error": "; ".join(errors) or None}  # fmt: skip
+                "search": search, "reload_error": "; ".join(errors) or None}  # fmt: skip
 
 
 def _saved_row(saved: dict | None, user: str) -> np.ndarray | None:

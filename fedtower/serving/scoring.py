@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedtower.serving.index import CandidateIndex, resolve_kind
+from fedtower.serving.types import TableOptions
+
 TOPK_BLOCK = 1024  # items per block in the two-stage top-k
 
 
@@ -42,11 +45,18 @@ class QuantizedRows:
 
 
 class ItemTable:
-    """Item vectors and biases, scored against one user vector at a time."""
+    """Item vectors and biases, scored against one user vector at a time.
 
-    def __init__(self, vectors: np.ndarray, bias: np.ndarray, precision: str = "fp32"):
+    With an approximate index (`self.index`, see fedtower.serving.index) the
+    Recommender asks it for candidates and re-scores those with `scores_of`;
+    `scores` always scores the whole table.
+    """
+
+    def __init__(self, vectors: np.ndarray, bias: np.ndarray, options: TableOptions | str = "fp32"):
+        options = TableOptions(precision=options) if isinstance(options, str) else options
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.precision = precision
+        self.options = options
+        precision = self.precision = options.precision
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self.num_items, self.dim = vectors.shape
         self._int8 = None
@@ -58,10 +68,13 @@ class ItemTable:
         elif precision == "fp16":
             self.half = vectors.astype(np.float16)
             self.vectors = self.half.astype(np.float32)
-        elif precision == "fp32":
-            self.vectors = vectors
         else:
-            raise ValueError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}.")
+            self.vectors = vectors
+        self.index: CandidateIndex | None = None
+        if resolve_kind(options.index, self.num_items) == "ivf":
+            # Over what the table means (int8: the dequantized rows), so candidates match the exact scores.
+            self.index = CandidateIndex(self.vectors, self.bias, lists=options.index_lists or None,
+                                        probes=options.index_probes)  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +93,10 @@ class ItemTable:
             scores = self.vectors @ np.asarray(user, dtype=np.float32)
         scores += self.bias  # in place: no second catalogue-sized array
         return scores
+
+    def scores_of(self, rows: np.ndarray, user: np.ndarray) -> np.ndarray:
+        """<user, item> + bias for these rows only, from the rows the table means (float32 [len(rows)])."""
+        return self.vectors[rows] @ np.asarray(user, dtype=np.float32) + self.bias[rows]
 
 
 class _Int8Kernel:

@@ -28,6 +28,7 @@ from fedtower.client.state import ClientStateStore
 from fedtower.config import RunSettings
 from fedtower.data.schema import Catalogue
 from fedtower.serving.items import LOCAL_ITEMS, ServedItems, stored_local_items
+from fedtower.serving.types import TableOptions
 
 log = logging.getLogger("fedtower.serving")
 
@@ -48,9 +49,9 @@ class Refresh:
 class StateSync:
     """Which generations of the state a Recommender serves, and reading newer ones."""
 
-    def __init__(self, store: ClientStateStore, settings: RunSettings, catalogue: Catalogue, precision: str,
+    def __init__(self, store: ClientStateStore, settings: RunSettings, catalogue: Catalogue, table: TableOptions,
                  versions: Mapping[str, int]):  # fmt: skip
-        self.store, self.settings, self.catalogue, self.precision = store, settings, catalogue, precision
+        self.store, self.settings, self.catalogue, self.table = store, settings, catalogue, table
         self.synced = {name: int(versions.get(name, 0)) for name in WATCHED}
         self.stamp = store.manifest_stamp()
         self.errors: dict[str, str] = {}  # what failed to load, by component
@@ -114,7 +115,7 @@ class StateSync:
             raise ValueError("The state dir has no item-tower snapshot.")
         meta = values["meta"] if isinstance(values["meta"], dict) else {}
         items = items_from_snapshot(values["item_tower"], self.settings, self.catalogue,
-                                    stored_local_items(values[LOCAL_ITEMS]), self.precision,
+                                    stored_local_items(values[LOCAL_ITEMS]), self.table,
                                     generation=versions["item_tower"], round=meta.get("last_round"))  # fmt: skip
         return items, {name: versions[name] for name in ("item_tower", LOCAL_ITEMS)}
 
@@ -131,7 +132,7 @@ class StateSync:
 
 
 def items_from_snapshot(snapshot: dict, settings: RunSettings, catalogue: Catalogue, local: list[dict],
-                        precision: str, *, generation: int, round: int | None) -> ServedItems:  # fmt: skip
+                        table: TableOptions, *, generation: int, round: int | None) -> ServedItems:  # fmt: skip
     """The served table of an item-tower state dict (plus local items); refuses a mismatched or broken one."""
     model = build_model(settings, catalogue, 0)
     model.load_item_tower(snapshot, source="The saved item tower",
@@ -142,7 +143,7 @@ def items_from_snapshot(snapshot: dict, settings: RunSettings, catalogue: Catalo
     if not (np.isfinite(vectors).all() and np.isfinite(bias).all()):
         raise ValueError("The saved item tower holds non-finite values (NaN or infinity).")
     tower = model.item_tower if model.item_tower.content_mlp is not None else None
-    return ServedItems.build(catalogue, vectors, bias, precision=precision, content_tower=tower, local=local,
+    return ServedItems.build(catalogue, vectors, bias, table=table, content_tower=tower, local=local,
                              generation=generation, round=round)  # fmt: skip
 
 

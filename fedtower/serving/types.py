@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+INDEX_KINDS = ("auto", "exact", "ivf")
+
 
 class UnknownUserError(ValueError):
     """The user has no state on this node (an HTTP layer answers 404)."""
@@ -51,6 +53,29 @@ class Filters:
     @property
     def active(self) -> bool:
         return any(getattr(self, n) is not None for n in ("categories", "min_price", "max_price", "available"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """How a served table is held (precision) and searched (exact, or an approximate index proposing candidates)."""
+
+    precision: str = "fp32"  # "fp32" | "fp16" | "int8"
+    index: str = "auto"  # "auto" (exact below fedtower.serving.index.AUTO_MIN_ITEMS) | "exact" | "ivf"
+    index_probes: int = 32  # inverted lists searched per query (recall against speed)
+    index_lists: int = 0  # inverted lists (0: about 4 sqrt(items))
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be 'fp32', 'fp16' or 'int8', got {self.precision!r}.")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.index!r}.")
+        if isinstance(self.index_probes, bool) or not isinstance(self.index_probes, int) or self.index_probes < 1:
+            raise ValueError(f"index_probes must be a positive integer, got {self.index_probes!r}.")
+        if isinstance(self.index_lists, bool) or not isinstance(self.index_lists, int) or self.index_lists < 0:
+            raise ValueError(f"index_lists must be 0 (automatic) or a positive integer, got {self.index_lists!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +130,9 @@ class ServingConfig:
     pool_history: bool = True  # False for interaction-level DP-SGD models (free embedding only)
     user_blocks: tuple[int, ...] = ()  # the model's TwoTowerConfig.user_blocks (the spectral DP tower)
     precision: str = "fp32"  # "fp32" | "fp16" | "int8": how the item table is held and scored
+    index: str = "auto"  # "auto" | "exact" | "ivf": how top-k is searched (see TableOptions)
+    index_probes: int = 32
+    index_lists: int = 0
     rerank_pool: int = 200  # candidates MMR and category caps choose from (at least 10 x k)
     update_steps: int = 5  # record(): gradient steps on the user's own row
     update_lr: float = 0.05
@@ -116,8 +144,7 @@ class ServingConfig:
     cold_shrink: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise ValueError(f"precision must be 'fp32', 'fp16' or 'int8', got {self.precision!r}.")
+        self.table_options  # validates precision and the index settings
         if self.pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}.")
         if not self.cold_shrink >= 0:
@@ -127,3 +154,8 @@ class ServingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def table_options(self) -> TableOptions:
+        return TableOptions(precision=self.precision, index=self.index, index_probes=self.index_probes,
+                            index_lists=self.index_lists)  # fmt: skip
