@@ -68,9 +68,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(state_dir: Path, token_file: Path, port: int, precision: str, threads: int, log_path: Path):
+def start_server(state_dir: Path, token_file: Path, port: int, precision: str, threads: int, log_path: Path,
+                 index: str = "auto"):
     command = [sys.executable, "-m", "fedtower.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
-               "--token-file", str(token_file), "--precision", precision, "--threads", str(threads)]  # fmt: skip
+               "--token-file", str(token_file), "--precision", precision, "--threads", str(threads),
+               "--index", index]  # fmt: skip
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=60.0, help="Seconds for the measured phase, at most.")
     parser.add_argument("--concurrency", type=int, default=4, help="Keep-alive connections in flight.")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--index", default="auto", choices=["auto", "exact", "ivf"], help="serve --index")
     parser.add_argument("--threads", type=int, default=1, help="The server's compute threads (serve --threads).")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--state-dir", type=Path, help="Serve this state dir instead of making one.")
@@ -168,7 +171,8 @@ def main() -> None:
         token_file.chmod(0o600)
         payloads = [request_bytes(token, user, args.k) for user in known_users(state_dir)]
         port = free_port()
-        process = start_server(state_dir, token_file, port, args.precision, args.threads, root / "serve.log")
+        process = start_server(state_dir, token_file, port, args.precision, args.threads, root / "serve.log",
+                               args.index)
         try:
             asyncio.run(load(port, payloads, args.warmup, args.concurrency, args.time_limit))
             load_before = os.getloadavg()
@@ -185,6 +189,7 @@ def main() -> None:
         "users": args.users,
         "dim": args.dim,
         "precision": args.precision,
+        "index": args.index,
         "concurrency": args.concurrency,
         "threads": args.threads,
         "requests": len(latencies),

@@ -68,6 +68,10 @@ def serve(
         typer.Option("--state-key-file", help="Key of an encrypted state dir (else $FEDTOWER_STATE_KEY(_FILE))."),
     ] = None,
     precision: Annotated[str, typer.Option(help="Item table held as fp32 | fp16 | int8.")] = "fp32",
+    index: Annotated[str, typer.Option(help="Top-k search: auto (exact below 200,000 items, else ivf) | exact | "
+                                            "ivf (faiss inverted lists, candidates re-scored exactly).")] = "auto",
+    index_probes: Annotated[int, typer.Option("--index-probes", min=1,
+                                              help="Inverted lists searched per query (ivf).")] = 64,
     threads: Annotated[int, typer.Option(min=1, help="Compute threads for scoring (BLAS and torch).")] = 1,
     reload_interval: Annotated[
         float,
@@ -107,7 +111,7 @@ def serve(
                     "can query this node's users. There is no TLS here; put a TLS proxy in front.",
                     fg=typer.colors.YELLOW, err=True)  # fmt: skip
     try:
-        recommender = load_recommender(state_dir, state_key_file, precision)
+        recommender = load_recommender(state_dir, state_key_file, precision, index, index_probes)
     except (StateError, StateKeyError, ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     run_server(recommender, token, host, port, reload_interval)
@@ -129,12 +133,14 @@ def limit_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def load_recommender(state_dir: Path, state_key_file: Path | None, precision: str):
+def load_recommender(state_dir: Path, state_key_file: Path | None, precision: str, index: str = "auto",
+                     index_probes: int = 64):
     """The node's Recommender; the key file goes in as node config, so the event log opens with it too."""
     from fedtower.serving.recommender import Recommender
 
     node_config = {"state-key-file": str(state_key_file)} if state_key_file else None
-    return Recommender.from_state_dir(state_dir, precision=precision, node_config=node_config)
+    return Recommender.from_state_dir(state_dir, precision=precision, index=index, index_probes=index_probes,
+                                      node_config=node_config)
 
 
 def run_server(recommender, token: str | None, host: str, port: int, reload_interval: float = 1.0) -> None:

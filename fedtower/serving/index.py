@@ -34,7 +34,7 @@ log = logging.getLogger("fedtower.serving")
 # Below this many items `auto` scores the whole table: exact int8/fp32 scoring stays under ~1.5 ms p99 on
 # one thread up to here, and an index would cost build time and memory for little (serving_latency.py).
 AUTO_MIN_ITEMS = 200_000
-TRAIN_POINTS_PER_LIST = 32  # k-means sample: faiss asks for at least 39 per centroid to stay quiet
+TRAIN_POINTS_PER_LIST = 40  # k-means sample per list (faiss warns below 39)
 TRAIN_ITERATIONS = 10
 
 
@@ -86,7 +86,7 @@ class IndexStats:
 class CandidateIndex:
     """Inverted lists over the served table; `candidates(user, bias_weight, n)` proposes rows."""
 
-    def __init__(self, vectors: np.ndarray, bias: np.ndarray, *, lists: int | None = None, probes: int = 32,
+    def __init__(self, vectors: np.ndarray, bias: np.ndarray, *, lists: int | None = None, probes: int = 64,
                  seed: int = 0):  # fmt: skip
         faiss = faiss_module()
         if faiss is None:
@@ -102,7 +102,9 @@ class CandidateIndex:
         lift = np.sqrt(np.maximum(squared.max() - squared, 0.0)).astype(np.float32)
         points = np.ascontiguousarray(np.hstack([scored, lift[:, None]]))  # [N, d + 2], all of norm R
         del scored
-        self.lists = min(lists or default_lists(num_items), num_items)
+        # Automatic lists: no more than the items can train (39 per list, faiss's floor).
+        self.lists = lists or max(1, min(default_lists(num_items), num_items // 39))
+        self.lists = min(self.lists, num_items)
         self.probes = min(probes, self.lists)
         self.dim = dim
         quantizer = faiss.IndexFlatL2(dim + 2)

@@ -136,7 +136,7 @@ class Recommender:
         node_config: dict | None = None,
         precision: str = "fp32",
         index: str = "auto",
-        index_probes: int = 32,
+        index_probes: int = 64,
         store: ClientStateStore | None = None,
     ) -> Recommender:
         """Load the latest global item tower, the private user state and the node's data.
