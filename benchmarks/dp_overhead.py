@@ -394,6 +394,8 @@ def main() -> None:
             for method, contended in row.get("contention", {}).items():
                 if isinstance(contended, dict) and "slowdown" in contended:
                     summary[f"{method}_slowdown@{items}"] = contended["slowdown"]
+                    if method == "dp_sparse":  # the DP step's throughput beside the busy processes over alone
+                        summary[f"contended_throughput_ratio@{items}"] = 1.0 / contended["slowdown"]
     print(json.dumps(summary))
 
 

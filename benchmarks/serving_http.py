@@ -49,7 +49,7 @@ def make_state(root: Path, items: int, users: int, dim: int) -> Path:
                            loss="sampled-softmax")  # fmt: skip
     state_dir = root / "state"
     state_dir.mkdir(mode=0o700)
-    node = {"partition-id": 0, "num-partitions": 1, "state-dir": str(state_dir)}
+    node = {"partition-id": 0, "num-partitions": 1, "state-dir": str(state_dir), "allow-plaintext-state": True}
     with task_identity():
         train_on_node(server_message(initial_item_tower(settings), node_id=1),
                       node_context(node, settings.to_run_config()))  # fmt: skip
