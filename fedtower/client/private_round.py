@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fedtower.client.dp_training import DPConfig, DPTrainer, num_dp_samples
 from fedtower.client.node_settings import NodeSettings
 from fedtower.client.state import ClientStateStore, StateError
 from fedtower.config import RunSettings
@@ -148,6 +147,8 @@ def calibrate(
     A calibration saved for this run is reused; the site's limits are checked again every
     round (the site may have tightened its node config since).
     """
+    from fedtower.client.dp_training import num_dp_samples  # opacus: loaded by DP rounds only
+
     unit = settings.privacy_unit
     num_samples = num_dp_samples(unit, histories)
     if num_samples < 1:
@@ -359,6 +360,8 @@ def train_private_round(
 ) -> dict:
     """Run the round's DP steps; returns the DP optimizer state. The caller charges `plan.added`
     to the accountant and saves it with what was trained, before anything is released."""
+    from fedtower.client.dp_training import DPConfig, DPTrainer  # opacus: loaded by DP rounds only
+
     calibration = plan.calibration
     config = DPConfig(
         unit=calibration.unit,

@@ -30,12 +30,12 @@ import base64
 import logging
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtower.client.dp_training import DPConfig, DPTrainer
 from fedtower.client.local import load_user_embeddings, pick_device, spectral_layout, user_embeddings_payload
 from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import PrivacyRefusal, plan_secure_spectral, plan_training
@@ -54,6 +54,9 @@ from fedtower.privacy.quantization import clip_coordinates, quantize_and_sum, si
 from fedtower.privacy.skellam import skellam_noise
 from fedtower.privacy.spectral import per_user_entries, sensitivity, upper_size
 from fedtower.secure_aggregation.protocol import SecAggConfig, SecAggSite, encode_signed
+
+if TYPE_CHECKING:
+    from fedtower.client.dp_training import DPConfig
 
 log = logging.getLogger("fedtower.client")
 
@@ -208,6 +211,8 @@ def _plan_step(settings, node, state, data, context, server_round, meta, model, 
 
 
 def _step_total(settings, node, state, data, model, config, message, round_, plan) -> tuple[torch.Tensor, float]:
+    from fedtower.client.dp_training import DPTrainer  # opacus: loaded by DP rounds only
+
     load_user_embeddings(model, data.users, state.load("users", default=None))
     trainer = DPTrainer(model, _step_config(settings, round_.calibration, node),
                         randomness=round_.randomness.spawn("sgd"))  # fmt: skip
@@ -265,6 +270,8 @@ def integer_spectral_sum(release: str, settings: RunSettings, train, model, layo
 
 
 def _step_config(settings: RunSettings, calibration, node: NodeSettings) -> DPConfig:
+    from fedtower.client.dp_training import DPConfig
+
     if node.test_only_no_clipping:
         raise ValueError("test-only-no-clipping is not supported under secure aggregation.")
     return DPConfig(unit="user", noise_multiplier=calibration.noise_multiplier, max_grad_norm=settings.max_grad_norm,

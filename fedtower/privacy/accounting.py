@@ -32,8 +32,6 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opacus.accountants import RDPAccountant
-
 MECHANISM = "rdp"
 STATE_FORMAT = 1
 
@@ -221,6 +219,8 @@ def has_skellam(history: Iterable[Sequence[Any]]) -> bool:
 def _opacus_epsilon(history: list[HistoryEntry], delta: float) -> float:
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant  # here, not at import: opacus costs ~4 s per ClientApp process
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))

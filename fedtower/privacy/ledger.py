@@ -44,9 +44,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedtower.data.schema import atomic_write_bytes, fsync_dir
 from fedtower.privacy.accounting import (
@@ -872,6 +869,11 @@ def plot_epsilon(entries: Iterable[Mapping[str, Any] | LedgerEntry], out_path: s
     by_node = _latest_per_round(entries)
     if not by_node:
         raise ValueError("The privacy ledger has no entries, so there is no ε to plot.")
+    # matplotlib is imported here, not at module load: every ClientApp process imports this module.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

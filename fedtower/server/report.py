@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedtower.data.schema import atomic_write_bytes
 
@@ -138,6 +135,11 @@ def _render_png(
     title: str, y_label: str, lines: list[tuple], *, x_label: str = "server round", integer_x: bool = True
 ) -> bytes:
     """Lines are (label, rounds, values) or (label, rounds, values, True) for a dashed reference."""
+    # matplotlib is imported here, not at module load: every ClientApp process imports this module.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
