@@ -146,7 +146,7 @@ class Recommender:
         `num-partitions`); given values override them. precision / index /
         index_probes: how the item table is held and searched (see TableOptions).
         """
-        table = TableOptions(precision=precision, index=index, index_probes=index_probes)
+        table = TableOptions(precision=precision, index=index, index_probes=index_probes)  # refused before any I/O
         state_dir = Path(state_dir).expanduser()
         if store is None:
             store = ClientStateStore.for_node(state_dir, node_config)
@@ -181,8 +181,7 @@ class Recommender:
         shape = model_config(settings, data.catalogue, 0)
         config = ServingConfig(history_len=settings.history_len, recency=shape.recency, user_blocks=shape.user_blocks,
                                pooling=settings.pooling, pool_history=not interaction_dp,
-                               precision=precision, index=index, index_probes=index_probes,
-                               user_l2=settings.user_l2)  # fmt: skip
+                               user_l2=settings.user_l2, **table.to_dict())  # fmt: skip
         sync = StateSync(store, settings, data.catalogue, table, versions)
         recommender = cls(catalogue=items.catalogue, item_vectors=items.table.vectors, item_bias=items.table.bias,
                           users=users, free=free, histories=histories, history_weights=weights, config=config,
