@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -83,6 +84,8 @@ class ProcessTracker:
     popens: dict[str, subprocess.Popen] = field(default_factory=dict)
     # pid -> start time, so a recycled pid is never signalled by mistake.
     seen: dict[int, int] = field(default_factory=dict)
+    # A benchmark samples the trees from a thread while the main thread waits on the run.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Start a process in its own session, output to <log_dir>/<name>.log."""
@@ -115,39 +118,41 @@ class ProcessTracker:
         Descendants are remembered, so one that outlives its parent (and is
         re-parented away from the tree) is still stopped at the end.
         """
-        children: dict[int, list[int]] = {}
-        for pid, ppid in _all_parents().items():
-            children.setdefault(ppid, []).append(pid)
-        for popen in self.popens.values():
-            stat = _proc_stat(popen.pid)
-            if popen.pid not in self.seen and stat is not None:
-                self.seen[popen.pid] = stat[2]
-        frontier = [pid for pid in self.seen if self._alive(pid)]
-        visited: set[int] = set()
-        while frontier:
-            pid = frontier.pop()
-            if pid in visited:
-                continue
-            visited.add(pid)
-            for child in children.get(pid, ()):
-                stat = _proc_stat(child)
-                if stat is not None:
-                    self.seen[child] = stat[2]
-                    frontier.append(child)
+        with self.lock:
+            children: dict[int, list[int]] = {}
+            for pid, ppid in _all_parents().items():
+                children.setdefault(ppid, []).append(pid)
+            for popen in self.popens.values():
+                stat = _proc_stat(popen.pid)
+                if popen.pid not in self.seen and stat is not None:
+                    self.seen[popen.pid] = stat[2]
+            frontier = [pid for pid in self.seen if self._alive(pid)]
+            visited: set[int] = set()
+            while frontier:
+                pid = frontier.pop()
+                if pid in visited:
+                    continue
+                visited.add(pid)
+                for child in children.get(pid, ()):
+                    stat = _proc_stat(child)
+                    if stat is not None:
+                        self.seen[child] = stat[2]
+                        frontier.append(child)
 
     def tree(self, name: str) -> list[int]:
         """The live process `name` and its live descendants now (parents before children)."""
-        self.refresh()
-        children: dict[int, list[int]] = {}
-        for pid, ppid in _all_parents().items():
-            children.setdefault(ppid, []).append(pid)
-        order, frontier = [], [self.popens[name].pid]
-        while frontier:
-            pid = frontier.pop(0)
-            if pid not in order and self._alive(pid):
-                order.append(pid)
-                frontier.extend(children.get(pid, ()))
-        return order
+        with self.lock:
+            self.refresh()
+            children: dict[int, list[int]] = {}
+            for pid, ppid in _all_parents().items():
+                children.setdefault(ppid, []).append(pid)
+            order, frontier = [], [self.popens[name].pid]
+            while frontier:
+                pid = frontier.pop(0)
+                if pid not in order and self._alive(pid):
+                    order.append(pid)
+                    frontier.extend(children.get(pid, ()))
+            return order
 
     def kill_tree(self, name: str, sig: signal.Signals = signal.SIGKILL, timeout: float = 30.0) -> list[int]:
         """Send `sig` to process `name` and every descendant at once (a crash, with SIGKILL); wait until
@@ -166,9 +171,10 @@ class ProcessTracker:
         return pids
 
     def alive(self) -> list[int]:
-        for popen in self.popens.values():
-            popen.poll()  # reap our own children so they do not linger as zombies
-        return sorted(pid for pid in self.seen if self._alive(pid))
+        with self.lock:
+            for popen in self.popens.values():
+                popen.poll()  # reap our own children so they do not linger as zombies
+            return sorted(pid for pid in self.seen if self._alive(pid))
 
     def _signal_all(self, sig: signal.Signals, skip: set[int] | frozenset[int] = frozenset()) -> set[int]:
         signalled = set()

@@ -29,9 +29,24 @@ from fedtower.simulations.partition import PartitionConfig, partition_events
 log = logging.getLogger("fedtower.client")
 
 
-@functools.lru_cache(maxsize=4)
 def cached_dataset(spec: str) -> Dataset:
-    """The (public catalogue + simulated events) dataset; cached per worker process."""
+    """The (public catalogue + simulated events) dataset; cached per process until its files change
+    (a site worker outlives runs, and a site may update its catalogue between them)."""
+    return _cached_dataset(spec, _files_fingerprint(spec))
+
+
+def _files_fingerprint(spec: str) -> tuple:
+    """(name, mtime, size) of the file or the folder's files `spec` names; () for a generated dataset."""
+    path = Path(spec or "").expanduser()
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    except OSError:
+        return ()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(spec: str, fingerprint: tuple) -> Dataset:
     dataset, report = resolve_dataset(spec)
     if report.rows_skipped:
         log.warning("%s", report.summary(max_issues=5))

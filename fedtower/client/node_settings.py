@@ -57,6 +57,10 @@ class NodeSettings:
     # Compute: torch threads for training and evaluation (default: the cores the process may use, at most 4;
     # in a simulation, the run's client-num-cpus). fedtower.client.threads says why.
     torch_threads: int | None = None
+    # Deployment: keep torch and fedtower loaded in one long-lived process per site instead of importing them
+    # in every message's fresh ClientApp process (fedtower.client.site_worker says how it is kept private).
+    site_worker: bool = False
+    site_worker_idle_seconds: float = 600.0  # the worker exits after this long without a message
     # Test-only hooks that break DP on purpose (to check the audits catch them). The ledger of every
     # such round names them, and the audit reports them.
     test_only_insecure_dp_seed: int | None = None  # reproducible DP noise
@@ -100,6 +104,12 @@ class NodeSettings:
                 raise ValueError(f"Node config key {key!r} must be a positive integer, got {value}.")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"Node config key 'torch-threads' must be a positive integer, got {self.torch_threads}.")
+        if self.site_worker and self.state_dir is None:
+            raise ValueError("Node config key 'site-worker' applies to a deployed node (one with state-dir); a "
+                             "simulation's clients already live in long-lived Ray workers.")  # fmt: skip
+        if self.site_worker and self.test_only_secagg_stall is not None:
+            raise ValueError("Node config keys 'site-worker' and 'test-only-secagg-stall' cannot be combined: a "
+                             "stalled worker would hold every later message of the site.")  # fmt: skip
         if self.min_secagg_threshold < 2:
             raise ValueError(
                 f"Node config key 'min-secagg-threshold' must be at least 2, got {self.min_secagg_threshold}."
@@ -147,10 +157,11 @@ _PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter", "ledge
 _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population-events",
          "test-only-insecure-dp-seed", "min-secagg-threshold", "test-only-secagg-drop",
          "test-only-secagg-stall", "torch-threads"}  # fmt: skip
-_POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale"}
+_POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale",
+             "site-worker-idle-seconds"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
 _BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation",
-          "test-only-secagg-record"}  # fmt: skip
+          "test-only-secagg-record", "site-worker"}  # fmt: skip
 
 
 def _parse(key: str, value: object) -> object:
