@@ -6,7 +6,12 @@ starts, and every process Flower starts for it, is stopped at the end.
 
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +176,50 @@ def test_user_level_dp_deployment_caps_one_site_and_keeps_a_verifiable_ledger(tm
         assert (meta["rounds_trained"], meta["last_round"]) == (rounds_trained, last_round)
         assert set(store.load("users")["users"]) == site.users
         assert not store.has("optimizer")  # the non-DP optimizer never ran
+
+
+def test_site_workers_serve_every_message_of_a_site_and_leave_with_their_supernodes(tmp_path, monkeypatch):
+    # Prepare: two sites that keep a site worker; its socket goes to a short private dir (sun_path is 108 bytes).
+    runtime = Path(tempfile.mkdtemp(prefix="ftw-"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # the SuperNodes inherit this environment
+    sites = prepare_sites(DATA, 2, tmp_path / "sites")
+    for site in sites:
+        site.extra_node_config.update({"site-worker": True, "site-worker-idle-seconds": 300.0})
+    config = run_config(tmp_path / "runs", "workers", 2)
+
+    # Execute
+    done = run_to_completion(tmp_path / "flower", sites, config, timeout=RUN_TIMEOUT_S)
+    print(f"\ndeployment with site workers: {done.timings()}")
+
+    # Assert: both rounds trained and evaluated on every user.
+    run = RunDirectory(tmp_path / "runs" / "workers", create=False)
+    evaluated = {row["round"]: row for row in run.history() if row["phase"] == "evaluate"}
+    assert sorted(evaluated) == [1, 2], done.log
+    assert evaluated[2]["users"] == sum(site.users_with_test for site in sites)
+    for site in sites:
+        assert ClientStateStore(site.state_dir, create=False).load("meta")["rounds_trained"] == 2
+    # Assert: each SuperNode started its worker once, for its four messages; one socket per site.
+    for name in ("supernode-0", "supernode-1"):
+        assert (Path(done.log_dir) / f"{name}.log").read_text().count("Started the site worker") == 1
+    assert len(list((runtime / f"fedtower-{os.getuid()}").glob("worker-*.sock"))) <= 2
+    # Assert: with the deployment stopped, no worker of these sites is left.
+    deadline = time.monotonic() + 30
+    while _site_workers(sites) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _site_workers(sites)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _site_workers(sites) -> list[int]:
+    """Pids of live site workers serving these sites' state dirs."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"fedtower.client.site_worker" in cmdline and state not in ("Z", "X"):
+            if any(str(site.state_dir).encode() in cmdline for site in sites):
+                pids.append(int(proc.name))
+    return pids

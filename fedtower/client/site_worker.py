@@ -343,7 +343,8 @@ def handle(conn: socket.socket, handlers: dict[str, Callable[[Message, Context],
             answer = {"ok": False, "module": type(err).__module__, "type": type(err).__qualname__, "error": str(err)}
             print(traceback.format_exc(), file=sys.stderr, flush=True)
     _send(conn, json.dumps({**answer, "parts": len(parts), "logs": records}).encode(), *parts)
-    print(f"{time.strftime('%H:%M:%S')} site worker {os.getpid()}: {header['kind']} message {'answered' if answer['ok'] else 'failed'} "
+    outcome = "answered" if answer["ok"] else "failed"
+    print(f"{time.strftime('%H:%M:%S')} site worker {os.getpid()}: {header['kind']} message {outcome} "
           f"in {time.perf_counter() - began:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
