@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,14 @@ def deployed_site(tmp_path, name: str, *, worker: bool, idle: float = 60.0, **ex
     if worker:
         config.update({"site-worker": True, "site-worker-idle-seconds": idle})
     return config
+
+
+def worker_site(tmp_path, runtime, *, idle: float = 60.0, **extra) -> tuple[dict, NodeSettings]:
+    """A deployed site served by a worker (killed at the end of the test): (node config, its settings)."""
+    config = deployed_site(tmp_path, "a", worker=True, idle=idle, **extra)
+    node = NodeSettings.from_node_config(config)
+    runtime.append(node)
+    return config, node
 
 
 def run_settings(tmp_path) -> RunSettings:
@@ -98,9 +107,7 @@ def test_the_worker_answers_exactly_what_the_clientapp_answers_by_itself(tmp_pat
 def test_later_messages_reuse_the_worker_and_its_socket_is_private(tmp_path, runtime):
     # Prepare
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True)
-    node = NodeSettings.from_node_config(config)
-    runtime.append(node)
+    config, node = worker_site(tmp_path, runtime)
     # Execute
     send("train", config, settings)
     first = worker_pid(node)
@@ -116,8 +123,7 @@ def test_later_messages_reuse_the_worker_and_its_socket_is_private(tmp_path, run
 
 def test_the_workers_log_lines_show_in_the_clientapp(tmp_path, runtime, caplog):
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True)
-    runtime.append(NodeSettings.from_node_config(config))
+    config, _ = worker_site(tmp_path, runtime)
     (tmp_path / "a" / "site-0" / "events.csv").open("a").write("u-new,no-such-item,click,1,1.0\n")  # reported, kept out
     with caplog.at_level(logging.WARNING, logger="fedtower"):
         send("train", config, settings)
@@ -127,8 +133,7 @@ def test_the_workers_log_lines_show_in_the_clientapp(tmp_path, runtime, caplog):
 def test_a_refusal_in_the_worker_is_raised_with_its_own_name_and_message(tmp_path, runtime):
     # Prepare: a site that capped its epsilon, in a run without DP.
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True, **{"max-epsilon": 4.0})
-    runtime.append(NodeSettings.from_node_config(config))
+    config, _ = worker_site(tmp_path, runtime, **{"max-epsilon": 4.0})
     # Execute / Assert: the same class name, module and text as in process (Flower reports str(type) and text).
     with pytest.raises(RuntimeError, match="max-epsilon = 4.0") as raised:
         send("train", config, settings)
@@ -138,9 +143,7 @@ def test_a_refusal_in_the_worker_is_raised_with_its_own_name_and_message(tmp_pat
 
 def test_a_killed_worker_is_replaced_by_the_next_message(tmp_path, runtime):
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True)
-    node = NodeSettings.from_node_config(config)
-    runtime.append(node)
+    config, node = worker_site(tmp_path, runtime)
     send("train", config, settings)
     first = worker_pid(node)
     os.kill(first, signal.SIGKILL)  # leaves its socket file behind
@@ -154,9 +157,7 @@ def test_a_killed_worker_is_replaced_by_the_next_message(tmp_path, runtime):
 
 def test_an_idle_worker_exits_and_removes_its_socket(tmp_path, runtime):
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True, idle=1.0)
-    node = NodeSettings.from_node_config(config)
-    runtime.append(node)
+    config, node = worker_site(tmp_path, runtime, idle=1.0)
     send("evaluate", config, settings)
     pid = worker_pid(node)
     assert pid is not None
@@ -190,6 +191,24 @@ def test_a_worker_exits_when_the_process_it_watches_is_gone(tmp_path, runtime):
         sleeper.kill()
 
 
+def test_two_identical_sites_get_independent_dp_noise_from_long_lived_workers(tmp_path, runtime):
+    # Prepare: the attack a coordinator would try on a process that lives across messages: it knows the
+    # run config, the seed and both sites' (identical) data and state, and compares what the two send.
+    settings = replace(run_settings(tmp_path), noise_multiplier=1.0, dp_batch_size=8)
+    first = deployed_site(tmp_path, "a", worker=True)
+    second = deployed_site(tmp_path, "b", worker=True)
+    runtime.extend(NodeSettings.from_node_config(c) for c in (first, second))
+    tower = initial_item_tower(settings)
+    # Execute: the same DP round twice at each site's worker (second round reuses the warm process).
+    replies = [[send("train", config, settings, server_round=r, tower=tower).content["arrays"] for r in (1, 2)]
+               for config in (first, second)]  # fmt: skip
+    # Assert: no two releases share their noise, within a worker or across workers.
+    released = [np.concatenate([a[k].numpy().ravel() for k in sorted(a)]) for site in replies for a in site]
+    for i in range(len(released)):
+        for j in range(i + 1, len(released)):
+            assert not np.allclose(released[i], released[j]), (i, j)
+
+
 def test_a_runtime_dir_others_could_enter_is_refused_naming_it(tmp_path, runtime):
     settings = run_settings(tmp_path)
     config = deployed_site(tmp_path, "a", worker=True)
@@ -204,9 +223,7 @@ def test_a_runtime_dir_others_could_enter_is_refused_naming_it(tmp_path, runtime
 def test_another_user_cannot_reach_the_workers_socket(tmp_path, runtime):
     # Prepare: a running worker.
     settings = run_settings(tmp_path)
-    config = deployed_site(tmp_path, "a", worker=True)
-    node = NodeSettings.from_node_config(config)
-    runtime.append(node)
+    config, node = worker_site(tmp_path, runtime)
     send("evaluate", config, settings)
     path = socket_path(node)
     # Execute: connect as uid 65534 (nobody).

@@ -339,7 +339,6 @@ def handle(conn: socket.socket, handlers: dict[str, Callable[[Message, Context],
                      recorddict_to_proto(context.state).SerializeToString()]  # fmt: skip
             answer = {"ok": True}
         except Exception as err:  # noqa: BLE001 - every failure goes back to the ClientApp, which raises it
-            log.debug("%s", traceback.format_exc())
             answer = {"ok": False, "module": type(err).__module__, "type": type(err).__qualname__, "error": str(err)}
             print(traceback.format_exc(), file=sys.stderr, flush=True)
     _send(conn, json.dumps({**answer, "parts": len(parts), "logs": records}).encode(), *parts)
