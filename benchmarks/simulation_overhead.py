@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
+
+import torch
 
 from fedtower.config import RunSettings
 from fedtower.simulations.plain import plain_federation
@@ -47,6 +50,9 @@ def measure(base: dict, rounds: int) -> dict:
         "flower_seconds_per_round": flower_seconds,
         "overhead_ratio": flower_seconds / plain_seconds,
         "flower_total_seconds": total,
+        "plain_round_seconds": [round(r["seconds"], 3) for r in plain["rounds"]],
+        "flower_round_seconds": [round(seconds, 3) for seconds in flower_rounds],
+        "client_num_cpus": settings.client_num_cpus,
     }
 
 
@@ -61,12 +67,14 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     common = {"data": args.data, "local-epochs": args.local_epochs, "dim": args.dim}
-    out = {"data": args.data}
+    out = {"data": args.data, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "load_average_before": os.getloadavg()[0]}  # fmt: skip
     out["sites_10"] = measure({**common, "partitioning": "sites", "num-sites": 10}, args.rounds)
     print(json.dumps(out["sites_10"]), file=sys.stderr)
     if not args.skip_users:
         out["users"] = measure({**common, "partitioning": "users", "fraction-train": 0.1}, args.rounds)
         print(json.dumps(out["users"]), file=sys.stderr)
+    out["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(out))
     return out
 

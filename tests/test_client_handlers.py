@@ -148,3 +148,47 @@ def test_site_events_are_mapped_onto_the_servers_catalogue_and_unknown_items_rep
     assert data.users == ["alice", "bob"]
     rows = data.catalogue.index.rows(["i00001", "i00002", "i00003"])
     assert sorted(np.concatenate([data.split.train.items, data.split.test.items])) == sorted(rows)
+
+
+def test_only_a_simulations_own_state_skips_fsync(run_config, tmp_path):
+    # Prepare: a simulated partition (state dir made under the run) and a site (state dir it created).
+    from fedtower.client.handlers import open_state
+    from fedtower.client.node_settings import NodeSettings
+
+    settings = RunSettings.from_run_config(run_config)
+    site_dir = tmp_path / "site-state"
+    site_dir.mkdir(mode=0o700)
+    simulated = NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 3})
+    site = NodeSettings.from_node_config({"data-path": str(tmp_path / "events.csv"), "state-dir": str(site_dir),
+                                          "allow-plaintext-state": True})  # fmt: skip
+
+    # Execute / Assert: a site's generations are always fsynced.
+    assert open_state(settings, simulated).durable is False
+    assert open_state(settings, site).durable is True
+
+
+def test_the_simulation_grid_polls_for_replies_every_10_ms_and_other_grids_are_left_alone():
+    # Prepare: Flower's own in-memory grid, as run_simulation builds it.
+    import sys
+
+    import flwr.simulation.run_simulation  # noqa: F401 - the module, for the names it builds its grid from
+
+    flower_simulation = sys.modules["flwr.simulation.run_simulation"]
+
+    from fedtower.server.federation import poll_replies_promptly
+    from fedtower.simulations.in_process import InProcessGrid
+
+    factory = flower_simulation.LinkStateFactory(flower_simulation.FLWR_IN_MEMORY_DB_NAME,
+                                                 flower_simulation.NoOpFederationManager(),
+                                                 flower_simulation.ObjectStoreFactory())  # fmt: skip
+    grid = flower_simulation.InMemoryGrid(state_factory=factory)
+    assert grid.pull_interval == pytest.approx(0.1)  # Flower's default, which this test depends on
+    in_process = InProcessGrid({})
+
+    # Execute
+    poll_replies_promptly(grid)
+    poll_replies_promptly(in_process)
+
+    # Assert
+    assert grid.pull_interval == pytest.approx(0.01)
+    assert not hasattr(in_process, "pull_interval")

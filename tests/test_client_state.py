@@ -341,3 +341,64 @@ def test_concurrent_saves_from_two_processes_end_consistent(tmp_path):
     assert store.verify() == store.version == 2 * SAVES_PER_WRITER
     assert torch.equal(snapshot["users"]["embeddings"], torch.full((64, 8), float(last_writer)))
     assert len(store.read_ledger()) == 2 * SAVES_PER_WRITER
+
+
+def test_a_numpy_scalar_is_refused_although_it_looks_like_a_float(tmp_path):
+    # Prepare: numpy.float64 subclasses float but pickles as a numpy object, which weights_only refuses.
+    import numpy as np
+
+    store = ClientStateStore(tmp_path)
+
+    # Execute / Assert: the quick type check must not wave it through.
+    with pytest.raises(ValueError, match="weights_only=True"):
+        store.save({"optimizer": {"lr": np.float64(0.1)}})
+    assert not store.exists_initialised()
+
+
+def test_plain_tensor_components_skip_the_verifying_load_and_still_load_back(tmp_path, monkeypatch):
+    # Prepare: count torch.load calls made while saving.
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    store = ClientStateStore(tmp_path)
+    optimizer = trained_optimizer_state()
+
+    # Execute
+    store.save({"optimizer": optimizer, "users": {"users": ["u1"], "embeddings": torch.ones(1, 4)}})
+    saved_loads = len(loads)
+    back = ClientStateStore(tmp_path).load_many(["optimizer", "users"])
+
+    # Assert: no load while saving; what was saved reads back equal.
+    assert saved_loads == 0
+    assert back["users"]["users"] == ["u1"] and torch.equal(back["users"]["embeddings"], torch.ones(1, 4))
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
+
+
+def _count_fsyncs(monkeypatch) -> list:
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    return calls
+
+
+def test_a_durable_store_fsyncs_every_generation_and_a_simulation_store_only_its_ledger(tmp_path, monkeypatch):
+    # Prepare
+    calls = _count_fsyncs(monkeypatch)
+    durable = ClientStateStore(tmp_path / "site")
+    quick = ClientStateStore(tmp_path / "simulated", durable=False)
+
+    # Execute
+    durable.save({"meta": {"n": 1}, "users": {"users": [], "embeddings": torch.zeros(0, 2)}})
+    durable_saves = len(calls)
+    quick.save({"meta": {"n": 1}, "users": {"users": [], "embeddings": torch.zeros(0, 2)}})
+    quick_saves = len(calls) - durable_saves
+    quick.append_ledger({"round": 1})
+    quick_ledger = len(calls) - durable_saves - quick_saves
+
+    # Assert: files, manifest and directory fsynced on a site; nothing for a simulation's generation,
+    # but its privacy ledger is as durable as a site's; both read back the same.
+    assert durable_saves >= 5  # two components, the manifest, the directory twice
+    assert quick_saves == 0
+    assert quick_ledger >= 1
+    assert ClientStateStore(tmp_path / "simulated").load("meta") == {"n": 1}
+    assert ClientStateStore(tmp_path / "simulated").read_ledger() == [{"round": 1}]

@@ -90,7 +90,8 @@ def open_state(settings: RunSettings, node: NodeSettings) -> ClientStateStore:
             f"The node's state-dir {state_dir} does not exist. Create it once when setting up the "
             "site (mkdir -m 700); if it existed before, restore it from backup instead."
         )
-    store = ClientStateStore.for_node(state_dir, node, create=may_create)
+    # A simulation's own stores (created here, recreated by a rerun) skip fsync; a site's never do.
+    store = ClientStateStore.for_node(state_dir, node, create=may_create, durable=not may_create)
     if node.deployed and store.key_id is None and not node.allow_plaintext_state:
         # Unkeyed checksums can be recomputed by anyone who can write the directory (a forged, empty
         # accountant would pass), so a deployed node keeps its state authenticated unless the site opts out.
@@ -177,11 +178,12 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
         if settings.dp_enabled:
             return _train_private(message, context, settings, node, state, data, model, global_snapshot, meta,
                                   server_round)  # fmt: skip
-        load_user_embeddings(model, data.users, state.load("users", default=None))
+        saved = state.load_many(["users", "optimizer"], default=None)  # one generation, one read of the manifest
+        load_user_embeddings(model, data.users, saved["users"])
         model.to(pick_device(settings.device))
         train_config = local_train_config(settings, server_round)
         optimizer = make_optimizer(model, train_config)
-        saved_optimizer = state.load("optimizer", default=None)
+        saved_optimizer = saved["optimizer"]
         if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
             optimizer.load_state_dict(saved_optimizer)
         logs = train(model, data.split.train, train_config, optimizer=optimizer)

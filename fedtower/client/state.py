@@ -30,6 +30,7 @@ one new generation, committed by the manifest replace like any other save.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import io
@@ -152,9 +153,15 @@ class ClientStateStore:
         kinds: Mapping[str, str] | None = None,
         lock_timeout: float = 30.0,
         key: StateKey | None | _FromEnvironment = KEY_FROM_ENVIRONMENT,
+        durable: bool = True,
     ):
-        """`key`: the site's state key; by default the one in the environment, None for no key."""
+        """`key`: the site's state key; by default the one in the environment, None for no key.
+
+        `durable=False` (a simulation's own stores) skips fsync on generations: a generation stays
+        atomic (the manifest rename is the commit point), but a power loss may lose the last one.
+        The privacy ledger and event logs are always fsynced."""
         self.state_dir = Path(state_dir).expanduser()
+        self.durable = bool(durable)
         self.lock_timeout = float(lock_timeout)
         if key is KEY_FROM_ENVIRONMENT:
             try:
@@ -175,7 +182,7 @@ class ClientStateStore:
 
     @classmethod
     def for_node(cls, state_dir: str | Path, node_config: Mapping[str, object] | object | None, *,
-                 create: bool = False) -> ClientStateStore:  # fmt: skip
+                 create: bool = False, durable: bool = True) -> ClientStateStore:  # fmt: skip
         """The node's store with the node's key: node config `state-key-file`, else the
         environment (FEDTOWER_STATE_KEY(_FILE)); an unusable key is a StateError naming the dir.
 
@@ -187,7 +194,7 @@ class ClientStateStore:
             key = resolve_state_key(node_config)
         except StateKeyError as err:
             raise StateError(f"The node's state key for {state_dir} cannot be used: {err}") from None
-        return cls(state_dir, create=create, key=key)
+        return cls(state_dir, create=create, key=key, durable=durable)
 
     def _open_dir(self, create: bool) -> None:
         path = self.state_dir
@@ -397,7 +404,8 @@ class ClientStateStore:
         if encryption is not None:
             body["mac"] = (cipher or self._cipher).mac(canonical)
         body["checksum"] = _sha256(canonical)
-        atomic_write_bytes(self.manifest_path, json.dumps(body, sort_keys=True, indent=2).encode())
+        atomic_write_bytes(self.manifest_path, json.dumps(body, sort_keys=True, indent=2).encode(),
+                           durable=self.durable)  # fmt: skip
 
     # ---- components --------------------------------------------------------
 
@@ -416,6 +424,8 @@ class ClientStateStore:
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         data = buffer.getvalue()
+        if _plain_weights(obj):  # tensors in dicts and lists: loads with weights_only, no need to try
+            return kind, data
         # Fail now, not at the next load: a state that saves but cannot load is a silent reset.
         try:
             torch.load(io.BytesIO(data), weights_only=True)
@@ -495,9 +505,9 @@ class ClientStateStore:
             encryption = None
         for name, (kind, data) in payloads.items():
             entries[name] = self._write_component(name, kind, data, version, encryption, self._cipher)
-        fsync_dir(self.state_dir)
+        self._sync_dir()
         self._replace_manifest(version, entries, encryption)  # the commit point
-        fsync_dir(self.state_dir)
+        self._sync_dir()
         keep = {e["file"] for e in entries.values()} | (previous.files() if previous else set())
         manifest = _Manifest(version=version, components=entries, encryption=encryption)
         self._collect_garbage(keep, keep_logs={manifest.log_file(name) for name in LOG_NAMES})
@@ -510,8 +520,12 @@ class ClientStateStore:
         entry = {"file": f"{name}.{version}.{KIND_SUFFIX[kind]}", "kind": kind, "version": version}
         if encryption is not None:
             data = cipher.seal(data, _component_aad(encryption, name, entry))
-        atomic_write_bytes(self.state_dir / entry["file"], data)
+        atomic_write_bytes(self.state_dir / entry["file"], data, durable=self.durable)
         return {**entry, "sha256": _sha256(data), "bytes": len(data)}
+
+    def _sync_dir(self) -> None:
+        if self.durable:
+            fsync_dir(self.state_dir)
 
     def _collect_garbage(self, keep: set[str], keep_logs: set[str]) -> None:
         """Delete component files not in `keep`, files of our logs not in `keep_logs`, crashed temp files.
@@ -852,6 +866,25 @@ class ClientStateStore:
             self._collect_garbage({e["file"] for e in entries.values()}, keep_logs=log_files)
             fsync_dir(self.state_dir)
             return version
+
+
+_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.Size, torch.device)
+
+
+def _plain_weights(obj: object, depth: int = 0) -> bool:
+    """Whether `obj` is only plain tensors and numbers in dicts, lists and tuples (which torch.load
+    with weights_only=True always reads back). False means "try a load", not "invalid"."""
+    if depth > 32:
+        return False
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return obj.layout == torch.strided and not obj.is_quantized
+    if type(obj) in _PLAIN_LEAVES:  # exact types: a subclass (numpy.float64, an enum) pickles differently
+        return True
+    if type(obj) in (dict, collections.OrderedDict):
+        return all(type(k) in _PLAIN_LEAVES and _plain_weights(v, depth + 1) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return all(_plain_weights(v, depth + 1) for v in obj)
+    return False
 
 
 def _entry_version(entry: dict) -> int:

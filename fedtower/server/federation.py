@@ -170,9 +170,20 @@ def restore_client_dp_accountant(strategy, extra: dict, *, round_: int, where) -
     restore_accountant_state(strategy, extra["client_dp_accountant"])
 
 
+SIMULATION_PULL_INTERVAL = 0.01  # seconds between the simulation grid's polls for replies
+
+
+def poll_replies_promptly(grid: Grid) -> None:
+    """Flower's in-memory grid (simulation) sleeps 0.1 s between polls for replies, a quarter of a
+    10-site round; polling its in-process state every 10 ms costs next to nothing."""
+    if getattr(grid, "pull_interval", 0) > SIMULATION_PULL_INTERVAL:
+        grid.pull_interval = SIMULATION_PULL_INTERVAL
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     """Run (or resume) the federation; returns the final metrics history."""
     started = time.perf_counter()
+    poll_replies_promptly(grid)
     if not settings.run_name:
         settings = RunSettings(**{**asdict(settings), "run_name": time.strftime("run-%Y%m%d-%H%M%S")})
     run_dir = RunDirectory(settings.run_dir)
