@@ -7,8 +7,8 @@ For each node count, in order: a real `flower-superlink` and that many real
 each with its own slice of a synthetic dataset, run a short federation with
 `flwr run` (every node trains and evaluates every round). While it runs, the
 resident memory of each SuperNode's whole process tree (the SuperNode, its
-SuperExec and the ClientApp processes Flower starts per message) is sampled
-from /proc, and the time of each round is read from the run directory's
+SuperExec and the ClientApp processes Flower starts per message, plus the
+site's worker with --site-worker) is sampled from /proc, and the time of each round is read from the run directory's
 metrics as they appear. Every process is stopped before the next size.
 
 It stops growing at the first size whose run fails, or whose seconds per round
@@ -45,6 +45,22 @@ def rss_mib(pid: int) -> float:
         return 0.0
 
 
+def site_worker_pids() -> dict[str, list[int]]:
+    """State dir -> pids of the site workers serving it (they run in their own session)."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fedtower.client.site_worker" in argv and b"--state-dir" in argv:
+            state_dir = argv[argv.index(b"--state-dir") + 1].decode()
+            found.setdefault(state_dir, []).append(int(entry.name))
+    return found
+
+
 def mem_available_mib() -> float:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -56,16 +72,19 @@ def mem_available_mib() -> float:
 class MemorySampler(threading.Thread):
     """Every `period` s: the RSS of each SuperNode's process tree; keeps each one's peak."""
 
-    def __init__(self, deployment, names: list[str], period: float = 0.5):
+    def __init__(self, deployment, names: list[str], state_dirs: dict[str, Path], period: float = 0.5):
         super().__init__(daemon=True)
         self.deployment, self.names, self.period = deployment, names, period
+        self.state_dirs = state_dirs  # a site worker leaves its SuperNode's tree: found by its --state-dir
         self.peak = {name: 0.0 for name in names}
         self.peak_total, self.min_available = 0.0, mem_available_mib()
         self.stop_event = threading.Event()
 
     def sample(self) -> dict[str, float]:
         tracker = self.deployment.tracker
-        return {name: sum(rss_mib(pid) for pid in tracker.tree(name)) for name in self.names}
+        workers = site_worker_pids()
+        return {name: sum(rss_mib(pid) for pid in tracker.tree(name)) + sum(rss_mib(pid) for pid in
+                workers.get(str(self.state_dirs.get(name)), [])) for name in self.names}  # fmt: skip
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -97,6 +116,9 @@ def one_size(nodes: int, args, root: Path) -> dict:
     users = nodes * args.users_per_node
     data = f"synthetic:users={users},items={args.items},seed=0"
     sites = prepare_sites(data, nodes, root / "sites")
+    if args.site_worker:
+        for site in sites:
+            site.extra_node_config.update({"site-worker": True, "site-worker-idle-seconds": 300.0})
     config = {
         "data": data, "num-server-rounds": args.rounds, "eval-every": 1, "dim": 16, "history-len": 50,
         "local-epochs": 1, "num-negatives": 32, "device": "cpu", "min-available-nodes": nodes,
@@ -106,13 +128,14 @@ def one_size(nodes: int, args, root: Path) -> dict:
     if args.dp:
         config.update({"noise-multiplier": 1.0, "dp-batch-size": 16})
     result: dict = {"nodes": nodes, "users": users, "items": args.items, "rounds": args.rounds,
-                    "secure": args.secure, "dp": args.dp}  # fmt: skip
+                    "secure": args.secure, "dp": args.dp, "site_worker": args.site_worker}  # fmt: skip
     began = time.monotonic()
     with local_deployment(root / "flower", sites, secure=args.secure,
                           startup_timeout=60 + 5 * nodes) as deployment:  # fmt: skip
         result["start_seconds"] = round(time.monotonic() - began, 1)
         names = [f"supernode-{i}" for i in range(nodes)]
-        sampler = MemorySampler(deployment, names)
+        sampler = MemorySampler(deployment, names, {name: site.state_dir for name, site in zip(names, sites,
+                                                                                             strict=True)})
         idle = sampler.sample()
         result["idle_mib_per_node"] = round(sum(idle.values()) / nodes, 1)
         sampler.start()
@@ -152,6 +175,8 @@ def main() -> None:
     parser.add_argument("--secure", action=argparse.BooleanOptionalAction, default=True,
                         help="TLS and SuperNode authentication (the partner-site setup)")
     parser.add_argument("--dp", action="store_true", help="example-level DP (noise multiplier 1)")
+    parser.add_argument("--site-worker", action="store_true",
+                        help="each site keeps a long-lived worker (node config site-worker = true)")
     parser.add_argument("--max-round-seconds", type=float, default=240.0)
     parser.add_argument("--min-free-mib", type=float, default=2048.0)
     args = parser.parse_args()
@@ -159,6 +184,10 @@ def main() -> None:
     # `timeout`/`kill` send SIGTERM: exit through Python so the deployment's teardown stops every Flower
     # process (without this, SIGTERM killed the script and left the SuperLink and SuperNodes running).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.site_worker:
+        # The workers' sockets need a short private dir (a Unix socket path holds 107 bytes); the
+        # SuperNodes inherit it.
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="ft-run-", dir="/tmp")
 
     sizes, stopped_because = [], "every size ran"
     for nodes in sorted(args.nodes):
@@ -192,6 +221,7 @@ def main() -> None:
               file=sys.stderr)  # fmt: skip
     summary = {
         "benchmark": "deployment_scale", "cpu_count": os.cpu_count(), "secure": args.secure, "dp": args.dp,
+        "site_worker": args.site_worker, "load_average_after": os.getloadavg()[0],
         "max_nodes": max((s["nodes"] for s in completed), default=0), "stopped_because": stopped_because,
         "sizes": sizes,
     }  # fmt: skip
