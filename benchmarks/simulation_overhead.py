@@ -62,8 +62,8 @@ def measure(base: dict, rounds: int) -> dict:
         "overhead_ratio": flower_seconds / plain_seconds,
         "overhead_ratio_with_warm_up": with_warm_up,  # median over every training round, warm-up included
         "flower_total_seconds": total,
-        "plain_round_seconds": [round(r["seconds"], 3) for r in plain["rounds"]],
-        "flower_round_seconds": [round(seconds, 3) for seconds in flower_rounds],
+        "plain_round_seconds": [r["seconds"] for r in plain["rounds"]],
+        "flower_round_seconds": flower_rounds,
         "client_num_cpus": settings.client_num_cpus,
     }
 

@@ -95,7 +95,8 @@ class ProcessTracker:
             popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=dict(env or self.env),
                                      start_new_session=True)  # fmt: skip
-        self.popens[name] = popen
+        with self.lock:  # a sampler thread may be walking the trees
+            self.popens[name] = popen
         self.refresh()
         return popen
 
