@@ -202,6 +202,13 @@ def test_site_workers_serve_every_message_of_a_site_and_leave_with_their_superno
     for name in ("supernode-0", "supernode-1"):
         assert (Path(done.log_dir) / f"{name}.log").read_text().count("Started the site worker") == 1
     assert len(list((runtime / f"fedtower-{os.getuid()}").glob("worker-*.sock"))) <= 2
+    # Assert: each worker's log has one line per message it answered (2 trains, 2 evaluations), and no
+    # reply was cut off (an empty last part once raced the ClientApp's close).
+    worker_logs = list((runtime / f"fedtower-{os.getuid()}").glob("worker-*.log"))
+    assert len(worker_logs) == 2
+    for worker_log in worker_logs:
+        text = worker_log.read_text()
+        assert text.count("message answered") == 4 and "left before the reply" not in text, text
     # Assert: with the deployment stopped, no worker of these sites is left.
     deadline = time.monotonic() + 30
     while _site_workers(sites) and time.monotonic() < deadline:

@@ -276,3 +276,32 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_a_reply_ending_in_an_empty_part_ends_with_the_write_the_reader_waits_for():
+    # Prepare: a socket that records its writes, on a real socket pair. A reader that holds every part
+    # closes at once (the ClientApp does), so a write after the last byte it needs would hit a closed pipe.
+    import socket
+
+    from fedtower.client.site_worker import _recv, _send
+
+    class RecordingSocket:
+        def __init__(self, sock):
+            self.sock, self.writes = sock, []
+
+        def sendall(self, data):
+            self.writes.append(len(data))
+            self.sock.sendall(data)
+
+    sender, reader = socket.socketpair()
+    recording = RecordingSocket(sender)
+
+    # Execute: a reply whose context state is empty.
+    _send(recording, b"header", b"content", b"")
+    parts = [_recv(reader) for _ in range(3)]
+
+    # Assert: the parts arrive intact, and no write is empty (the last one is the empty part's length).
+    assert parts == [b"header", b"content", b""]
+    assert 0 not in recording.writes and recording.writes[-1] == 8
+    sender.close()
+    reader.close()

@@ -116,7 +116,8 @@ def socket_path(node: NodeSettings) -> Path:
 def _send(sock: socket.socket, *parts: bytes) -> None:
     for part in parts:
         sock.sendall(struct.pack(">Q", len(part)))
-        sock.sendall(part)
+        if part:  # an empty part is its length alone: a reader that has it all may already have closed
+            sock.sendall(part)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -341,7 +342,12 @@ def handle(conn: socket.socket, handlers: dict[str, Callable[[Message, Context],
         except Exception as err:  # noqa: BLE001 - every failure goes back to the ClientApp, which raises it
             answer = {"ok": False, "module": type(err).__module__, "type": type(err).__qualname__, "error": str(err)}
             print(traceback.format_exc(), file=sys.stderr, flush=True)
-    _send(conn, json.dumps({**answer, "parts": len(parts), "logs": records}).encode(), *parts)
+    try:
+        _send(conn, json.dumps({**answer, "parts": len(parts), "logs": records}).encode(), *parts)
+    except OSError as err:  # not a probe: this message was handled, and its ClientApp has left
+        print(f"{time.strftime('%H:%M:%S')} site worker {os.getpid()}: {header['kind']} message handled, but "
+              f"its ClientApp left before the reply was sent ({err})", file=sys.stderr, flush=True)  # fmt: skip
+        return
     outcome = "answered" if answer["ok"] else "failed"
     print(f"{time.strftime('%H:%M:%S')} site worker {os.getpid()}: {header['kind']} message {outcome} "
           f"in {time.perf_counter() - began:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
