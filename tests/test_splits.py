@@ -213,3 +213,49 @@ def test_movielens_leave_one_out_has_one_test_item_and_99_negatives_per_user(
     users = np.repeat(split.test_items.index.to_numpy(), 99)
     assert not any((u, i) in seen for u, i in zip(users, split.negatives.ravel().tolist()))
     assert all(len(set(row)) == 99 for row in split.negatives.tolist())
+
+
+def test_a_groups_split_is_the_whole_split_cut_to_its_users():
+    # Prepare: synthetic events of every behaviour, cut into skewed sites, and one user per client.
+    from fedtower.data.prepared import prepare_split
+    from fedtower.data.sources import resolve_dataset
+    from fedtower.simulations.partition import PartitionConfig, partition_events, users_of_partition
+
+    dataset = resolve_dataset("synthetic:users=200,items=60,seed=5")[0]
+    whole = prepare_split(dataset)
+    configs = [PartitionConfig(num_partitions=6, size_skew=0.8, seed=1),
+               PartitionConfig(scheme="users", num_partitions=0)]
+
+    for config in configs:
+        count = config.num_partitions or dataset.events["user"].nunique()
+        for partition in range(0, count, 1 if count < 50 else 17):
+            # Execute
+            expected = prepare_split(partition_events(dataset, config, partition))
+            cut = whole.subset(users_of_partition(dataset, config, partition))
+            # Assert: the same users, histories and weights as preparing the partition's events alone.
+            for got, want in ((cut.train, expected.train), (cut.test, expected.test)):
+                assert got.users == want.users
+                assert np.array_equal(got.indptr, want.indptr)
+                assert np.array_equal(got.items, want.items) and np.array_equal(got.weights, want.weights)
+
+
+def test_a_subset_leaves_out_users_without_a_counted_event_and_sorts_the_rest():
+    # Prepare: u3 only dwelt 5 s on an item (under the 30 s threshold), so prepare_split holds no u3.
+    import pandas as pd
+
+    from fedtower.data.prepared import prepare_split
+    from fedtower.data.schema import Catalogue, Dataset
+
+    catalogue = Catalogue(pd.DataFrame({"item": ["a", "b", "c"], "title": ["A", "B", "C"], "categories": [()] * 3,
+                                        "price": [1.0] * 3, "brand": ["x"] * 3}))
+    events = pd.DataFrame({"user": ["u2", "u2", "u1", "u1", "u3"], "item": ["a", "b", "a", "c", "b"],
+                           "timestamp": [1, 2, 3, 4, 5], "behaviour": ["click", "click", "click", "purchase", "dwell"],
+                           "value": [None, None, None, None, 5.0]})  # fmt: skip
+    whole = prepare_split(Dataset(catalogue, events))
+
+    # Execute
+    cut = whole.subset(["u3", "u2", "u1"])
+
+    # Assert
+    assert "u3" not in whole.users and cut.users == ["u1", "u2"]
+    assert cut.train.items_of(0).tolist() == [0] and cut.test.items_of(0).tolist() == [2]  # u1: a, then c

@@ -5,6 +5,7 @@ The shape every trainer and evaluator works from, centrally or on a client.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,20 @@ class UserHistories:
     def lengths(self) -> np.ndarray:
         return np.diff(self.indptr)
 
+    @functools.cached_property
+    def _position(self) -> dict[str, int]:
+        return {user: u for u, user in enumerate(self.users)}
+
+    def subset(self, users: list[str]) -> UserHistories:
+        """The histories of `users` (in that order; each must be one of ours), as their own CSR."""
+        rows = np.fromiter((self._position[user] for user in users), dtype=np.int64, count=len(users))
+        lengths = self.indptr[rows + 1] - self.indptr[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        take = np.concatenate([np.arange(self.indptr[r], self.indptr[r + 1]) for r in rows]) if len(rows) else \
+            np.empty(0, np.int64)  # fmt: skip
+        return UserHistories(list(users), indptr, self.items[take], self.weights[take])
+
     @classmethod
     def from_interactions(cls, interactions: pd.DataFrame, users: list[str]) -> UserHistories:
         """Histories of `users` (in that order), each sorted by (timestamp, item row)."""
@@ -65,6 +80,13 @@ class PreparedSplit:
     @property
     def users(self) -> list[str]:
         return self.train.users
+
+    def subset(self, users: list[str]) -> PreparedSplit:
+        """The split of a group of users, as `prepare_split` of their events alone would make it: the
+        interactions, the temporal split and the histories are all per user. Users we do not hold (no
+        event that counts) are left out, as `prepare_split` leaves them out; the rest stay sorted."""
+        kept = sorted(user for user in set(map(str, users)) if user in self.train._position)
+        return PreparedSplit(num_items=self.num_items, train=self.train.subset(kept), test=self.test.subset(kept))
 
     def popularity(self) -> np.ndarray:
         """Training users per item (for the popularity baseline and novelty)."""
