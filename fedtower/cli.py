@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect, validate and generate datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(help="Every run-config and node-config key, with its default.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 app.command("recommend")(_recommend_command)  # serving from a client's state (fedtower/cli_recommend.py)
 app.add_typer(state_app, name="state")  # keygen, encrypt, rotate-key, verify (fedtower/cli_state.py)
 app.command("serve")(serve)  # the local HTTP API (fedtower/cli_serve.py)
@@ -78,6 +80,21 @@ def comparison_table(columns: dict[str, dict], keys: list[str]) -> str:
             cells.append(f"{text:>{col}}")
         lines.append(f"{key:<{width}}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the fedtower version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """fedtower: federated, differentially private two-tower recommendation on Flower."""
 
 
 @app.command()
@@ -214,19 +231,48 @@ def _log_progress(verbose: bool) -> None:
     logger.propagate = False
 
 
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every run-config and node-config key: key = default  (meaning)."""
+    from fedtower.client.node_settings import NodeSettings
+    from fedtower.config import RunSettings
+    from fedtower.config_reference import _rows
+
+    for title, cls in (("run config", RunSettings), ("node config (each SuperNode's own)", NodeSettings)):
+        typer.echo(f"# {title}")
+        for _, key, _, default, text in _rows(cls):
+            typer.echo(f"{key} = {default}" + (f"  ({text})" if text else ""))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print docs/configuration.md (generated from the settings classes)."""
+    from fedtower.config_reference import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
+
+
 @data_app.command("check")
 def data_check(
-    path: Annotated[str, typer.Argument(help="Dataset folder to validate.")],
+    path: Annotated[str, typer.Argument(help="Dataset folder, or a site's event file (CSV/Parquet).")],
+    catalogue: Annotated[str | None, typer.Option(
+        help="For an event file: the dataset whose catalogue its items must be in (the run's `data`: a folder "
+             "or 'synthetic'); default: the catalogue beside the file.")] = None,
     fail_fast: Annotated[
         bool, typer.Option(help="Stop at the first bad row instead of skipping and reporting.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Validate a dataset: every bad row is reported with its file, line and field.
+    """Validate a dataset, or a site's event file against the run's catalogue: every bad row is
+    reported with its file, line and field.
 
     Exits with code 1 when any row was skipped.
     """
-    dataset, report = _load(path, on_error="raise" if fail_fast else "skip")
+    on_error = "raise" if fail_fast else "skip"
+    if Path(path).expanduser().is_file():
+        dataset, report = _load_event_file(Path(path).expanduser(), catalogue, on_error)
+    else:
+        dataset, report = _load(path, on_error=on_error)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -236,6 +282,27 @@ def data_check(
                    f"(index fingerprint {dataset.catalogue.index.fingerprint}).")  # fmt: skip
     if report.rows_skipped:
         raise typer.Exit(code=1)
+
+
+def _load_event_file(path: Path, catalogue: str | None, on_error: str):
+    """A site's event file, validated against a catalogue (as its SuperNode loads it each round)."""
+    from fedtower.data.loaders import _prefixed_columns, load_catalogue, load_event_log
+    from fedtower.data.schema import Dataset
+    from fedtower.data.validation import DataValidationError
+
+    beside = [path.parent / name for name in ("catalogue.csv", "catalogue.parquet") if (path.parent / name).exists()]
+    try:
+        if catalogue is not None:
+            items = _load(catalogue)[0].catalogue
+        elif beside:
+            items = load_catalogue(beside[0], feature_columns=_prefixed_columns(beside[0], "f_"))
+        else:
+            raise _fail(f"{path} is an event file, and no catalogue.csv is beside it: give the catalogue its items "
+                        "belong to with --catalogue (the run's data folder, or 'synthetic').")
+        events, report = load_event_log(path, catalogue=items, on_error=on_error)
+    except (DataValidationError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    return Dataset(catalogue=items, events=events, name=path.name), report
 
 
 @data_app.command("synth")
@@ -258,5 +325,57 @@ def data_synth(
     )
 
 
+# What a user's mistake raises (a missing file, a bad value, a refused state): one line, exit code 2.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `fedtower` command: a user's mistake is one line on stderr and exit code 2; `--verbose` (or
+    FEDTOWER_TRACEBACK=1) shows the traceback instead."""
+    import os
+    import sys
+
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or os.environ.get("FEDTOWER_TRACEBACK") == "1"
+    try:
+        code = app(args=args, prog_name="fedtower", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:  # usage errors: click's own message, exit code 2
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        typer.echo("Aborted.", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line unless --verbose
+        if verbose:
+            raise
+        if isinstance(err, USER_ERRORS):
+            typer.secho(f"Error: {_one_line(err)}", fg=typer.colors.RED, err=True)
+            typer.echo("(--verbose shows the traceback)", err=True)
+            return 2
+        typer.secho(f"Internal error ({type(err).__name__}): {_one_line(err)}", fg=typer.colors.RED, err=True)
+        typer.echo("Run again with --verbose and report the traceback.", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    import sys
+
+    sys.exit(main())
+
+
 if __name__ == "__main__":
-    app()
+    run()

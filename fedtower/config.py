@@ -7,6 +7,7 @@ Keys are Flower's kebab-case run-config keys; values are str, int, float or bool
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -51,39 +52,39 @@ class RunSettings:
     # Data and partitioning (public settings; the data itself stays on clients).
     data: str = "synthetic"  # folder, or synthetic[:users=N,items=M,seed=S]
     partitioning: str = "sites"  # sites: N partner sites | users: one user per client
-    num_sites: int = 10
-    size_skew: float = 0.0
+    num_sites: int = 10  # sites when partitioning = sites
+    size_skew: float = 0.0  # 0 equal sites; s > 0 sizes them by a power law 1 / rank**s
     taste_skew: float = 0.0  # share of users placed by taste (0 random .. 1 strictly by taste)
-    partition_seed: int = 0
+    partition_seed: int = 0  # which users go to which site
     # Federation.
-    num_server_rounds: int = 10
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_nodes: int = 1
-    min_evaluate_nodes: int = 1
-    min_available_nodes: int = 1
+    num_server_rounds: int = 10  # federated rounds
+    fraction_train: float = 1.0  # share of connected nodes sampled to train each round
+    fraction_evaluate: float = 1.0  # share of connected nodes sampled to evaluate
+    min_train_nodes: int = 1  # a round waits for at least this many training nodes
+    min_evaluate_nodes: int = 1  # ... and evaluating nodes
+    min_available_nodes: int = 1  # the run starts when this many nodes are connected
     eval_every: int = 2  # federated evaluation every N rounds (and after the last)
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     # Server strategy.
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum
     server_lr: float = 0.05  # FedAdam / FedYogi eta
     server_momentum: float = 0.9  # FedAvgM
     trim_beta: float = 0.2  # FedTrimmedAvg: share cut at each end
     krum_byzantine: int = 1  # Krum: tolerated malicious clients
     # Model.
-    dim: int = 128
-    pooling: str = "mean"
-    history_len: int = 200
+    dim: int = 128  # embedding size of both towers
+    pooling: str = "mean"  # how the user tower pools the history: mean or attention
+    history_len: int = 200  # the latest N interactions the user tower reads
     # Local training.
-    local_epochs: int = 2
-    batch_size: int = 64
-    lr: float = 3e-3
-    history_dropout: float = 0.5
-    loss: str = "softmax"
-    num_negatives: int = 256
-    user_l2: float = 1.0
+    local_epochs: int = 2  # epochs over the local data per round
+    batch_size: int = 64  # users per step (non-private training)
+    lr: float = 3e-3  # Adam learning rate
+    history_dropout: float = 0.5  # share of the history hidden from the user tower in training
+    loss: str = "softmax"  # softmax (full catalogue), sampled-softmax (shared negatives) or bpr
+    num_negatives: int = 256  # shared negative items per step
+    user_l2: float = 1.0  # L2 penalty on the private user embeddings
     keep_item_moments: bool = True  # keep local Adam moments of the item tower between rounds (disk!)
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu or cuda
     # Differential privacy on each client (Opacus, RDP accountant). DP is on when
     # noise-multiplier > 0 or target-epsilon > 0.
     privacy_unit: str = "user"  # user: one user's whole history | interaction: one event
@@ -91,7 +92,7 @@ class RunSettings:
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0  # calibrate the noise once for the planned rounds and epochs
     target_delta: float = 0.0  # 0 -> 1 / (10 x the site's public population); within the site's max-delta
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # per-sample (or per-user) gradient clipping bound
     max_epsilon: float = 0.0  # run-level cap (0 = none); a node's own `max-epsilon` caps it further
     dp_batch_size: int = 16  # expected DP samples per step (Poisson rate = this / samples)
     dp_positives: int = 8  # user unit: positives per user per step
@@ -119,10 +120,10 @@ class RunSettings:
     update_compression: str = "fp32"
     # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
     client_dp: str = "off"
-    client_dp_noise: float = 1.0
-    client_dp_clip: float = 1.0
-    seed: int = 0
-    k: int = 20
+    client_dp_noise: float = 1.0  # client-level DP noise multiplier
+    client_dp_clip: float = 1.0  # client-level DP clipping norm of an update
+    seed: int = 0  # model initialisation and non-private training (never DP noise: that is from the OS)
+    k: int = 20  # the cut-off of the ranking metrics (NDCG@k, recall@k, ...)
     # Outputs and state.
     output_dir: str = ""  # "" -> ~/.fedtower/runs
     run_name: str = ""  # "" -> a timestamp; reuse a name with resume=true to continue it
@@ -131,8 +132,8 @@ class RunSettings:
     # Simulation resources (read by `fedtower simulate`; `flwr run` takes them from
     # the federation config instead).
     num_supernodes: int = 0  # 0 -> one per partition
-    client_num_cpus: float = 1.0
-    client_num_gpus: float = 0.0
+    client_num_cpus: float = 1.0  # Ray CPUs per simulated client (also its torch threads)
+    client_num_gpus: float = 0.0  # Ray GPUs per simulated client (a fraction shares one GPU)
 
     def __post_init__(self) -> None:
         if self.partitioning not in PARTITIONINGS:
@@ -236,9 +237,7 @@ class RunSettings:
                 continue
             values[spec.name] = _coerce(key, raw, type(getattr(cls(), spec.name)))
         if unknown:
-            raise ValueError(
-                f"Unknown run-config keys {sorted(unknown)}; known keys are {sorted(by_key)}."
-            )
+            raise ValueError(unknown_keys_message("run-config", unknown, by_key))
         return cls(**values)
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
@@ -262,6 +261,16 @@ class RunSettings:
     def node_state_dir(self, partition_id: int) -> Path:
         root = Path(self.state_root).expanduser() if self.state_root else self.run_dir / "clients"
         return (root / f"partition-{partition_id:05d}").resolve()
+
+
+def unknown_keys_message(kind: str, unknown: list[str], known) -> str:
+    """Name each unknown key with the closest known one (a typo is the usual cause)."""
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return (f"Unknown {kind} keys: {', '.join(parts)}. Every key, with its default, is in docs/configuration.md "
+            "(`fedtower config keys` prints them).")
 
 
 def _coerce(key: str, raw: object, kind: type) -> object:

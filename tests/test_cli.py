@@ -81,3 +81,85 @@ def test_synthetic_spec_parsing():
         assert "colour" in str(err)
     else:
         raise AssertionError("an unknown synthetic setting must be rejected")
+
+
+def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, capsys):
+    # Prepare
+    from fedtower.cli import main
+
+    # Execute: a missing folder, and a misspelt run-config key.
+    missing = main(["data", "check", str(tmp_path / "nope")])
+    missing_err = capsys.readouterr().err
+    typo = main(["simulate", "--run-config", "num-sever-rounds=3"])
+    typo_err = capsys.readouterr().err
+
+    # Assert: one error line (plus the hint), no traceback; the typo gets the closest key.
+    assert missing == 2 and typo == 2
+    assert missing_err.splitlines()[0].startswith("Error: ") and "nope" in missing_err
+    assert "Traceback" not in missing_err and len(missing_err.splitlines()) <= 2
+    assert "did you mean 'num-server-rounds'" in typo_err and "Traceback" not in typo_err
+
+
+def test_an_unexpected_failure_is_one_line_and_verbose_shows_its_traceback(tmp_path, monkeypatch, capsys):
+    # Prepare: the dataset loader fails in a way no command handles itself.
+    import pytest
+
+    import fedtower.data.sources
+    from fedtower.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk\nfull")
+
+    monkeypatch.setattr(fedtower.data.sources, "resolve_dataset", broken)
+
+    # Execute
+    code = main(["data", "check", str(tmp_path)])
+    err = capsys.readouterr().err
+
+    # Assert: one line with the message joined, exit 2; with --verbose the exception itself escapes.
+    assert code == 2 and err.splitlines()[0] == "Error: disk full" and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="disk"):
+        main(["--verbose", "data", "check", str(tmp_path)])
+
+
+def test_version_flag_and_unknown_command(capsys):
+    from fedtower import __version__
+    from fedtower.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == __version__
+    assert main(["no-such-command"]) == 2
+    assert "No such command" in capsys.readouterr().err
+
+
+def test_the_public_catalogue_is_readable_and_the_events_stay_private(tmp_path):
+    import os
+    import stat
+
+    runner.invoke(app, ["data", "synth", str(tmp_path), "--users", "20", "--items", "40"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "catalogue.csv").stat().st_mode) == 0o644 & ~umask
+    assert stat.S_IMODE((tmp_path / "events.csv").stat().st_mode) == 0o600
+
+
+def test_check_takes_a_sites_event_file_against_the_runs_catalogue(tmp_path):
+    # Prepare: a dataset folder, and a site's copy of its event log with one unknown item on line 3.
+    runner.invoke(app, ["data", "synth", str(tmp_path / "data"), "--users", "20", "--items", "40"])
+    lines = (tmp_path / "data" / "events.csv").read_text().splitlines()
+    fields = lines[2].split(",")
+    fields[1] = "no-such-item"
+    lines[2] = ",".join(fields)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "events.csv").write_text("\n".join(lines) + "\n")
+
+    # Execute
+    beside = runner.invoke(app, ["data", "check", str(tmp_path / "data" / "events.csv")])
+    against = runner.invoke(app, ["data", "check", str(tmp_path / "site" / "events.csv"),
+                                  "--catalogue", str(tmp_path / "data")])  # fmt: skip
+    alone = runner.invoke(app, ["data", "check", str(tmp_path / "site" / "events.csv")])
+
+    # Assert: the file is checked, the bad row named by file and line; without a catalogue, one clear error.
+    assert beside.exit_code == 0 and "skipped 0" in beside.output
+    assert against.exit_code == 1 and "events.csv:3" in against.output and "skipped 1" in against.output
+    assert alone.exit_code == 2 and "--catalogue" in alone.output

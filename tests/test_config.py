@@ -46,7 +46,7 @@ def test_round_trip_and_int_for_float():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"num-server-round": 3}, "Unknown run-config keys \\['num-server-round'\\]"),
+        ({"num-server-round": 3}, "Unknown run-config keys: 'num-server-round' \\(did you mean 'num-server-rounds'"),
         ({"num-server-rounds": 2.5}, "'num-server-rounds' must be a int"),
         ({"resume": 1}, "'resume' must be a bool"),
         ({"strategy": "fedprox"}, "strategy must be one of"),

@@ -21,6 +21,7 @@ price, and a few noisy projections of the item's latent vector.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,11 @@ def to_folder(dataset: Dataset, path: str | Path) -> None:
         for column, name in enumerate(catalogue.feature_names):
             table[f"f_{name}"] = catalogue.features[:, column]
     atomic_write_text(folder / "catalogue.csv", table.to_csv(index=False))
-    atomic_write_text(
+    # The catalogue is public (every party holds it): readable as the umask allows, not only by its owner.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / "catalogue.csv", 0o644 & ~umask)
+    atomic_write_text(  # behaviour data: private, 0600 as written
         folder / "events.csv", dataset.events[list(EVENT_COLUMNS)].to_csv(index=False)
     )
 
