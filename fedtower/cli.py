@@ -174,6 +174,8 @@ def simulate(
         bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved config.")
     ] = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List presets and exit.")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Print the preset's settings (with --run-config applied) "
+                                       "and exit.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's debug logs.")] = False,
 ) -> None:
     """Run a federated simulation on Flower's simulation engine (Ray), on this machine.
@@ -189,8 +191,12 @@ def simulate(
     from fedtower.simulations.runner import simulate as run_simulation
 
     if list_presets:
-        for name in preset_files.list_presets():
-            typer.echo(name)
+        names = preset_files.list_presets()
+        width = max(map(len, names))
+        for name in names:
+            typer.echo(f"{name:<{width}}  {preset_files.describe_preset(name)}")
+        typer.echo("\nShow one with `fedtower simulate --preset NAME --show`; the files are in "
+                   f"{preset_files.PRESETS_DIR}.")  # fmt: skip
         return
     try:
         saved = out / "config.json" if (resume and out is not None) else None
@@ -207,6 +213,10 @@ def simulate(
             values.update({"output-dir": str(out.expanduser().resolve().parent), "run-name": out.name})
         values["resume"] = resume or bool(values.get("resume", False))
         settings = RunSettings.from_run_config(values)
+        if show:
+            typer.echo("\n".join(f"{key} = {json.dumps(value)}" for key, value in sorted(values.items())
+                                 if key not in ("output-dir", "run-name", "resume")))  # fmt: skip
+            return
         sites = preset_files.parse_overrides(site_config)
         NodeSettings.from_node_config(sites)
     except ValueError as err:

@@ -141,3 +141,32 @@ def test_overrides_load_from_a_toml_file(tmp_path):
 def test_bad_overrides_are_refused_naming_the_bad_token(text, message):
     with pytest.raises(ValueError, match=message):
         parse_overrides(text)
+
+
+def test_every_shipped_preset_lists_with_a_one_sentence_description_and_dp_presets_are_among_them():
+    from typer.testing import CliRunner
+
+    from fedtower.cli import app
+    from fedtower.simulations.presets import describe_preset, list_presets
+
+    # Execute
+    listed = CliRunner().invoke(app, ["simulate", "--list-presets"])
+    # Assert
+    assert listed.exit_code == 0
+    for name in list_presets():
+        description = describe_preset(name)
+        assert description.endswith(".") and len(description) > 20, name
+        assert f"{name}  " in listed.output and description in listed.output
+    assert {"synthetic-sites-dp", "synthetic-cross-device-dp"} <= set(list_presets())
+
+
+def test_show_prints_the_settings_a_run_would_use():
+    from typer.testing import CliRunner
+
+    from fedtower.cli import app
+
+    shown = CliRunner().invoke(app, ["simulate", "--preset", "synthetic-sites", "--show", "--run-config",
+                                     "num-server-rounds=3"])  # fmt: skip
+    assert shown.exit_code == 0
+    assert "num-server-rounds = 3" in shown.output and 'partitioning = "sites"' in shown.output
+    assert "Simulating" not in shown.output

@@ -27,6 +27,18 @@ def list_presets() -> list[str]:
     return sorted(path.stem for path in PRESETS_DIR.glob("*.toml"))
 
 
+def describe_preset(name: str) -> str:
+    """The first sentence of a shipped preset's leading comment (what `--list-presets` shows)."""
+    comment = []
+    for line in (PRESETS_DIR / f"{name}.toml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    text = " ".join(comment)
+    end = re.search(r"\.(\s|$)", text)
+    return text[: end.start() + 1] if end else text
+
+
 def load_preset(name_or_path: str | Path) -> RunConfig:
     """A shipped preset by name, or any preset file by path (one with a `/` or ending in `.toml`)."""
     text = str(name_or_path)
