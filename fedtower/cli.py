@@ -221,13 +221,17 @@ def simulate(
         NodeSettings.from_node_config(sites)
     except ValueError as err:
         raise _fail(str(err)) from None
+    from fedtower.logs import flower_detail_to_file
+
     _log_progress(verbose)
-    typer.echo(f"Simulating preset {preset!r} into {settings.run_dir}")
+    typer.echo(f"Simulating preset {preset!r} into {settings.run_dir}"
+               + ("" if verbose else " (Flower's log: flower.log there; --verbose shows it here)"))  # fmt: skip
     try:
-        result = run_simulation(settings, verbose=verbose, site_config=sites)
+        with flower_detail_to_file(Path(settings.run_dir) / "flower.log", verbose=verbose):
+            result = run_simulation(settings, verbose=verbose, site_config=sites)
     except (ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
-    typer.echo(f"Run directory: {result['run_dir']} (summary.txt, metrics.csv, plots/, checkpoints/)")
+    typer.echo(f"Run directory: {result['run_dir']} (summary.txt, metrics.csv, plots/, checkpoints/, flower.log)")
 
 
 def _log_progress(verbose: bool) -> None:

@@ -232,6 +232,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
             log.info("Round %d: client-level DP epsilon %.3f (delta %.1e).", current,
                      metrics["epsilon-client-dp"], client_dp_delta)  # fmt: skip
         run_dir.record_round(current, "train", metrics)
+        loss = metrics.get("train-loss")
+        log.info("Round %d/%d trained in %.1f s%s.", current, settings.num_server_rounds, metrics["round-seconds"],
+                 f", train loss {loss:.4g}" if isinstance(loss, (int, float)) else "")  # fmt: skip
         run_dir.save_checkpoint(current, _numpy_arrays(arrays), strategy_state(optimizer_strategy), extra)
 
     ledger = ServerLedger(run_dir.path / "privacy_ledger.jsonl")
