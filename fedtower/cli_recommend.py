@@ -16,7 +16,9 @@ def _fail(message: str) -> typer.Exit:
 
 def recommend(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="The client's state directory.")],
-    user: Annotated[str, typer.Option("--user", help="User id (as in the node's own events).")],
+    user: Annotated[str | None, typer.Option("--user", help="User id (as in the node's own events).")] = None,
+    list_users: Annotated[bool, typer.Option("--list-users", help="Print the users this node serves and exit.")
+                          ] = False,
     k: Annotated[int, typer.Option("-k", help="How many items.")] = 10,
     explain: Annotated[bool, typer.Option("--explain", help="Show the history items behind each item.")] = False,
     diversity: Annotated[float, typer.Option(help="MMR weight in [0, 1]; 0 = plain ranking.")] = 0.0,
@@ -48,10 +50,18 @@ def recommend(
             node_config=parse_overrides(node_config) if node_config else None,
             precision=precision,
         )
+        if list_users:
+            for known in recommender.users:
+                typer.echo(known)
+            return
+        if user is None:
+            raise _fail("Give --user USER, one of the node's users "
+                        "(`fedtower recommend --state-dir DIR --list-users`).")
         recs = recommender.recommend(user, k, explain=explain, diversity=diversity,
                                      category_cap=category_cap, novelty=novelty)  # fmt: skip
     except (StateError, ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
+        hint = " List them with --list-users." if "Unknown user" in str(err) else ""
+        raise _fail(f"{err}{hint}") from None
     if json_out:
         typer.echo(json.dumps([r.to_dict() for r in recs], indent=2))
         return

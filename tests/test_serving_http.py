@@ -234,3 +234,18 @@ def test_serve_refuses_to_start_without_a_token_or_with_the_wrong_state_key(site
     assert no_token.returncode == 2 and "No bearer token" in no_token.stderr
     assert open_wide.returncode == 2 and "non-loopback" in open_wide.stderr
     assert wrong_key.returncode == 2 and "wrong key" in wrong_key.stderr
+
+
+def test_features_names_the_order_items_take_and_needs_the_token(client, server):
+    # Prepare
+    url, _, _ = server
+    # Execute
+    listed = client.get("/features")
+    anonymous = httpx.get(f"{url}/features")
+    wrong_length = client.post("/items", json={"items": [{"item": "fresh-1", "features": [0.0]}]})
+    # Assert: the names and their count, the one that /items checks against.
+    assert anonymous.status_code == 401
+    assert listed.status_code == 200
+    body = listed.json()
+    assert body["count"] == len(body["features"]) > 1 and len(set(body["features"])) == body["count"]
+    assert wrong_length.status_code == 422 and f"list of {body['count']} numbers" in wrong_length.text

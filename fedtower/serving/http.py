@@ -254,6 +254,12 @@ def create_app(recommender, token: str | None, *, watch_interval: float = 1.0) -
         status = recommender.status()
         return {"status": "degraded" if status["reload_error"] else "ok", **status}
 
+    @app.get("/features", dependencies=secured)
+    async def features() -> dict:
+        """The catalogue's content features in the order `POST /items` takes them (public catalogue data)."""
+        names = list(recommender.catalogue.feature_names)
+        return {"count": recommender.catalogue.num_features, "features": names}
+
     @app.post("/reload", dependencies=secured, responses=errors)
     async def force_reload() -> Response:
         """Take in the state dir's newest item-tower snapshot, local items and user rows now."""
