@@ -31,6 +31,9 @@ data_app = typer.Typer(help="Inspect, validate and generate datasets.", no_args_
 app.add_typer(data_app, name="data")
 config_app = typer.Typer(help="Every run-config and node-config key, with its default.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+local_app = typer.Typer(help="The SuperLink `flwr run` starts for local simulations (and leaves running).",
+                        no_args_is_help=True)
+app.add_typer(local_app, name="local-superlink")
 app.command("recommend")(_recommend_command)  # serving from a client's state (fedtower/cli_recommend.py)
 app.add_typer(state_app, name="state")  # keygen, encrypt, rotate-key, verify (fedtower/cli_state.py)
 app.command("serve")(serve)  # the local HTTP API (fedtower/cli_serve.py)
@@ -243,6 +246,32 @@ def _log_progress(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+@local_app.command("status")
+def local_superlink_status() -> None:
+    """Show whether `flwr run`'s local SuperLink (for this FLWR_HOME) is running, and its pid."""
+    from fedtower.local_superlink import local_log_file, local_superlinks
+
+    pids = local_superlinks()
+    if not pids:
+        typer.echo(f"No local SuperLink is running for {local_log_file().parents[1]}.")
+        return
+    typer.echo(f"Local SuperLink running: pid {', '.join(map(str, pids))} (log {local_log_file()}).")
+
+
+@local_app.command("stop")
+def local_superlink_stop() -> None:
+    """Stop only `flwr run`'s local SuperLink for this FLWR_HOME and what it started; any other SuperLink
+    on the machine (a deployment's) is left alone."""
+    from fedtower.local_superlink import local_log_file, stop_local_superlinks
+
+    stopped = stop_local_superlinks()
+    if not stopped:
+        typer.echo(f"No local SuperLink is running for {local_log_file().parents[1]}.")
+        return
+    typer.echo(f"Stopped the local SuperLink and {len(stopped) - 1} process(es) it started: pids "
+               f"{', '.join(map(str, stopped))}.")  # fmt: skip
 
 
 @config_app.command("keys")
