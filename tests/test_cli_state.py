@@ -65,3 +65,18 @@ def test_rotation_with_the_wrong_old_key_changes_nothing(tmp_path):
     assert ClientStateStore(state, key=key_of(keys[0])).meta() == {"rounds_trained": 1}
     with pytest.raises(StateError, match="wrong key"):
         ClientStateStore(state, key=key_of(keys[2])).meta()
+
+
+def test_a_command_on_an_encrypted_state_without_its_key_names_its_own_flag(tmp_path, monkeypatch):
+    # Prepare: an encrypted state, and no key in the environment.
+    import os
+
+    state = ClientStateStore(tmp_path / "state", key=StateKey(os.urandom(32)))
+    state.append_ledger({"round": 1})
+    monkeypatch.delenv("FEDTOWER_STATE_KEY", raising=False)
+    monkeypatch.delenv("FEDTOWER_STATE_KEY_FILE", raising=False)
+    # Execute
+    result = runner.invoke(app, ["site", "ledger", "--state-dir", str(tmp_path / "state")])
+    # Assert
+    assert result.exit_code == 2
+    assert "--state-key-file" in result.output and "FEDTOWER_STATE_KEY_FILE" in result.output

@@ -564,3 +564,39 @@ def test_load_dataset_refuses_unknown_or_ambiguous_folders(tmp_path):
         load_dataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a MovieLens folder nor"):
         load_dataset(unknown)
+
+
+def test_movielens_user_ids_must_be_positive_whole_numbers(tmp_path):
+    # Prepare: the ml-latest fixture with -5, 1.5 and a 12-digit user id on lines 2 to 4.
+    folder = tmp_path / "ml-latest"
+    shutil.copytree(FIXTURES / "ml-latest", folder)
+    ratings = folder / "ratings.csv"
+    lines = ratings.read_text().splitlines()
+    for line, user in zip((1, 2, 3), ("-5", "1.5", "9" * 12), strict=True):
+        lines[line] = ",".join([user, *lines[line].split(",")[1:]])
+    ratings.write_text("\n".join(lines) + "\n")
+
+    # Execute
+    dataset, report = load_movielens(folder, on_error="skip")
+
+    # Assert: each is skipped and reported by line and source column, the rest kept.
+    assert report.counts_by_reason() == {"bad_id": 3}
+    assert [(issue.line, issue.field) for issue in report.issues] == [(2, "userId"), (3, "userId"), (4, "userId")]
+    assert "positive whole numbers" in report.issues[0].message and "'-5'" in report.issues[0].message
+    assert len(dataset.events) == len(lines) - 1 - 3
+
+
+def test_an_id_longer_than_the_http_apis_limit_is_refused_by_the_loader_too(tmp_path):
+    # Prepare: the same 257-character limit as POST /recommend's `user` (fedtower.data.ids).
+    from fedtower.data.ids import MAX_ID_LENGTH
+
+    log = tmp_path / "e.csv"
+    log.write_text("user,item,behaviour,timestamp\n" + "u" * (MAX_ID_LENGTH + 1) + ",a,view,10\n"
+                   + "u" * MAX_ID_LENGTH + ",b,view,11\n")  # fmt: skip
+
+    # Execute
+    events, report = load_event_log(log, catalogue=shop_catalogue(), on_error="skip")
+
+    # Assert: 257 is refused with the limit named, 256 kept.
+    assert [len(user) for user in events["user"]] == [MAX_ID_LENGTH]
+    assert report.issues[0].line == 2 and f"at most {MAX_ID_LENGTH}" in report.issues[0].message

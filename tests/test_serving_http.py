@@ -187,7 +187,7 @@ def test_bad_input_is_a_clear_4xx_and_never_a_crash(client, a_user, server, path
     response = client.post(path, json=body)
     # Assert
     assert response.status_code == status, response.text
-    assert needle in str(response.json()["detail"])
+    assert needle in str(response.json())  # the readable detail and the {field, problem} list
     assert server[2].poll() is None  # still serving
 
 
@@ -249,3 +249,29 @@ def test_features_names_the_order_items_take_and_needs_the_token(client, server)
     body = listed.json()
     assert body["count"] == len(body["features"]) > 1 and len(set(body["features"])) == body["count"]
     assert wrong_length.status_code == 422 and f"list of {body['count']} numbers" in wrong_length.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/recommend", {"user": "u" * 257}, 422),  # the loaders' id limit (fedtower.data.ids)
+        ("post", "/recommend", {"user": "nobody-here"}, 404),
+        ("post", "/recommend", {"user": "x", "k": 0}, 422),
+        ("get", "/no-such-path", None, 404),
+        ("get", "/recommend", None, 405),
+    ],
+)
+def test_every_error_has_one_shape(client, method, path, body, status):
+    # Execute
+    response = client.request(method.upper(), path, json=body)
+    # Assert: a readable line, and one entry per problem with its field (or null).
+    assert response.status_code == status
+    problem = response.json()
+    assert set(problem) == {"detail", "problems"} and isinstance(problem["detail"], str) and problem["detail"]
+    assert problem["problems"] and all(set(p) == {"field", "problem"} for p in problem["problems"])
+
+
+def test_a_field_problem_names_its_field_in_both_parts(client):
+    response = client.post("/recommend", json={"user": "u" * 257})
+    assert response.json()["problems"][0]["field"] == "user"
+    assert response.json()["detail"].startswith("user: ") and "256" in response.json()["detail"]

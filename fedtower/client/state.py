@@ -353,8 +353,9 @@ class ClientStateStore:
         where = f"State dir {self.state_dir} is encrypted with key id {encryption.get('key_id')}"
         if self._cipher is None:
             raise StateError(
-                f"{where}, but no state key is configured; refusing to continue without it. Set "
-                "FEDTOWER_STATE_KEY or FEDTOWER_STATE_KEY_FILE, or node config state-key-file."
+                f"{where}, but no state key is configured; refusing to continue without it. Give the key "
+                "file: --state-key-file FILE on a fedtower command, node config state-key-file on a SuperNode, "
+                "or FEDTOWER_STATE_KEY_FILE (or FEDTOWER_STATE_KEY) in the environment."
             )
         if self._cipher.key_id != encryption.get("key_id"):
             raise StateError(f"{where}, but the configured key has id {self._cipher.key_id}: wrong key.")

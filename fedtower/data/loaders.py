@@ -319,6 +319,7 @@ def _validated_events(
     default_behaviour: str | None,
     catalogue: Catalogue,
     on_error: OnError,
+    movielens_ids: bool = False,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     frames = [_canonical_events(table, mapping, default_behaviour) for table in tables]
     raw = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -330,6 +331,7 @@ def _validated_events(
         on_error=on_error,
         field_names=mapping,
         header_line=tables[0].header_line,
+        movielens_ids=movielens_ids,
     )
 
 
@@ -635,6 +637,7 @@ def load_movielens(
         "rating",
         catalogue,
         on_error,
+        movielens_ids=True,
     )
     return Dataset(catalogue=catalogue, events=events, name=folder.name), report
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fedtower.data.ids import MAX_ID_LENGTH, MOVIELENS_ID, id_problem
 from fedtower.data.schema import BEHAVIOURS, EVENT_COLUMNS, ItemIndex
 
 OnError = Literal["raise", "skip"]
@@ -217,11 +218,12 @@ def validate_located_events(
     now: int | None = None,
     field_names: Mapping[str, str] | None = None,
     header_line: int = 1,
+    movielens_ids: bool = False,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """validate_events for rows from several files or with gaps in line numbers.
 
     `field_names` maps canonical columns to the names used in the source files,
-    so issues name the column the user sees.
+    so issues name the column the user sees. `movielens_ids`: ids must be MovieLens's positive integers.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}.")
@@ -231,7 +233,7 @@ def validate_located_events(
     _require_columns(raw, origins, names, header_line)
     now = int(time.time()) if now is None else int(now)
     rows = _ParsedRows(raw.reset_index(drop=True))
-    checks = _event_checks(rows, origins, catalogue, now)
+    checks = _event_checks(rows, origins, catalogue, now, movielens_ids)
 
     bad = np.zeros(len(raw), dtype=bool)
     for check in checks:
@@ -343,7 +345,7 @@ def _shown(value: object) -> str:
 
 
 def _event_checks(
-    rows: _ParsedRows, origins: RowOrigins, catalogue: ItemIndex | None, now: int
+    rows: _ParsedRows, origins: RowOrigins, catalogue: ItemIndex | None, now: int, movielens_ids: bool = False
 ) -> list[_Check]:
     n = len(rows.seconds)
     text = rows.text
@@ -401,6 +403,11 @@ def _event_checks(
         )
     )
     checks.extend(_value_checks(rows, has_behaviour & known))
+    for column in ("user", "item"):
+        present = usable & ~rows.absent[column]
+        problems = _id_problems(text[column], present, column, movielens=movielens_ids)
+        checks.append(_Check("bad_id", column, problems.notna().to_numpy(bool),
+                             lambda r, p=problems: [p.iloc[i] for i in r]))  # fmt: skip
 
     if catalogue is not None:
         unknown_item = (
@@ -424,6 +431,17 @@ def _event_checks(
         otherwise_valid &= ~check.mask
     checks.append(_duplicate_check(rows, origins, otherwise_valid))
     return checks
+
+
+def _id_problems(values: pd.Series, present: np.ndarray, kind: str, *, movielens: bool) -> pd.Series:
+    """Per row, why its id breaks fedtower.data.ids (None where it is fine or absent)."""
+    suspect = present & (values.str.len() > MAX_ID_LENGTH).to_numpy(bool)
+    if movielens:
+        suspect |= present & ~values.str.fullmatch(MOVIELENS_ID.pattern).fillna(False).to_numpy(bool)
+    problems = pd.Series([None] * len(values), dtype=object)
+    for row in np.flatnonzero(suspect):
+        problems.iloc[row] = id_problem(str(values.iloc[row]), kind, movielens=movielens)
+    return problems
 
 
 def _impossible_time_message(seconds: float, now: int) -> str:

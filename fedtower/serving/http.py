@@ -34,9 +34,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedtower import __version__
 from fedtower.client.state import StateError
+from fedtower.data.ids import MAX_ID_LENGTH
 from fedtower.data.schema import BEHAVIOURS
 from fedtower.serving.types import Filters, ItemExistsError, UnknownItemError, UnknownUserError
 
@@ -44,7 +46,7 @@ log = logging.getLogger("fedtower.serving.http")
 
 MAX_K = 1000
 MAX_BODY_BYTES = 1 << 20  # the largest valid body (1000 basket ids of 256 chars) is well under this
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]  # the loaders' rule: fedtower.data.ids
 
 
 class _Body(BaseModel):
@@ -129,7 +131,11 @@ class ContributionsReply(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: str | list
+    """Every error has this one shape: `detail`, one readable line, and `problems`, one entry per problem
+    with the field it concerns (null when the problem is not one field's)."""
+
+    detail: str
+    problems: list[dict]
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -137,8 +143,14 @@ def _json(payload: object, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
-def _problem(status: int, detail: object, headers: dict | None = None) -> Response:
-    response = _json({"detail": detail}, status)
+def _problem(status: int, detail: str | list[dict], headers: dict | None = None) -> Response:
+    """An error reply in the one Problem shape; `detail` is a message, or field problems {field, problem}."""
+    if isinstance(detail, str):
+        problems = [{"field": None, "problem": detail}]
+    else:
+        problems = list(detail)
+        detail = "; ".join(f"{p['field']}: {p['problem']}" if p.get("field") else str(p["problem"]) for p in problems)
+    response = _json({"detail": detail, "problems": problems}, status)
     response.headers.update(headers or {})
     return response
 
@@ -217,6 +229,10 @@ def create_app(recommender, token: str | None, *, watch_interval: float = 1.0) -
     async def _unauthorized(request: Request, exc: _Unauthorized) -> Response:
         return _problem(401, "Missing or wrong bearer token (header 'Authorization: Bearer <token>').",
                         {"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:  # an unknown path, a wrong method
+        return _problem(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
