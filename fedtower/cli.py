@@ -230,7 +230,8 @@ def simulate(
     typer.echo(f"Simulating preset {preset!r} into {settings.run_dir}"
                + ("" if verbose else " (Flower's log: flower.log there; --verbose shows it here)"))  # fmt: skip
     try:
-        with flower_detail_to_file(Path(settings.run_dir) / "flower.log", verbose=verbose):
+        with flower_detail_to_file(Path(settings.run_dir) / "flower.log",
+                                   verbose=verbose or settings.flower_detail == "console"):
             result = run_simulation(settings, verbose=verbose, site_config=sites)
     except (ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None

@@ -129,6 +129,7 @@ class RunSettings:
     run_name: str = ""  # "" -> a timestamp; reuse a name with resume=true to continue it
     resume: bool = False
     state_root: str = ""  # simulation only: node state dirs ("" -> <run dir>/clients)
+    flower_detail: str = "file"  # Flower's INFO lines: "file" (<run dir>/flower.log) or "console" too
     # Simulation resources (read by `fedtower simulate`; `flwr run` takes them from
     # the federation config instead).
     num_supernodes: int = 0  # 0 -> one per partition
@@ -138,6 +139,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.partitioning not in PARTITIONINGS:
             raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}.")
+        if self.flower_detail not in ("file", "console"):
+            raise ValueError(f"flower-detail must be 'file' or 'console', got {self.flower_detail!r}.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
         if self.device not in DEVICES:

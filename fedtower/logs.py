@@ -26,39 +26,49 @@ def use_flower_logging(level: int = logging.INFO) -> None:
     ours.setLevel(level)
 
 
-class _DropKnownNotices(logging.Filter):
-    """Flower's notice that `run_simulation` is deprecated: fedtower knows (README, "Tested versions")."""
+class _OursAndWarnings(logging.Filter):
+    """What a Flower handler still shows: fedtower's own lines and anyone's warnings and errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("fedtower"):
+            return True
         text = record.getMessage()
-        return not ("DEPRECATED FEATURE" in text or "deprecated feature" in text.lower())
+        # Flower's notice that run_simulation is deprecated: known (README, "Tested versions").
+        return record.levelno >= logging.WARNING and "deprecated feature" not in text.lower()
 
 
 @contextlib.contextmanager
 def flower_detail_to_file(log_file, *, verbose: bool = False) -> Iterator[None]:
-    """While a simulation runs: Flower's INFO lines go to `log_file` only, its warnings still show.
+    """While a run goes on: Flower's INFO lines go to `log_file` only; fedtower's lines and every warning
+    still show wherever Flower's handlers write (the console, `flwr run --stream`).
 
-    With `verbose`, nothing changes (Flower's and Ray's detail stays on the console)."""
+    With `verbose`, nothing changes (Flower's and Ray's detail stays where Flower sends it)."""
     if verbose:
         yield
         return
-    from flwr.common.logger import FLOWER_LOGGER, console_handler
+    from flwr.common.logger import FLOWER_LOGGER
 
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file)
     to_file.setLevel(logging.DEBUG)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    notices = _DropKnownNotices()
-    old_level = console_handler.level
-    console_handler.setLevel(logging.WARNING)
-    console_handler.addFilter(notices)
+    shown = _OursAndWarnings()
+    handlers = list(FLOWER_LOGGER.handlers)
+    ours = logging.getLogger("fedtower")
+    for handler in handlers:
+        handler.addFilter(shown)
     FLOWER_LOGGER.addHandler(to_file)
+    added_to_ours = to_file not in ours.handlers and not ours.propagate
+    if added_to_ours:  # fedtower's records go to Flower's handlers directly (use_flower_logging): log them too
+        ours.addHandler(to_file)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")
             yield
     finally:
         FLOWER_LOGGER.removeHandler(to_file)
+        if added_to_ours:
+            ours.removeHandler(to_file)
         to_file.close()
-        console_handler.removeFilter(notices)
-        console_handler.setLevel(old_level)
+        for handler in handlers:
+            handler.removeFilter(shown)

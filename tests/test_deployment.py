@@ -198,6 +198,9 @@ def test_site_workers_serve_every_message_of_a_site_and_leave_with_their_superno
     assert evaluated[2]["users"] == sum(site.users_with_test for site in sites)
     for site in sites:
         assert ClientStateStore(site.state_dir, create=False).load("meta")["rounds_trained"] == 2
+    # Assert: `flwr run --stream` shows fedtower's line per round, Flower's detail is in the run dir.
+    assert "Round 1/2 trained" in done.log and "Round 2/2 trained" in done.log and "[ROUND" not in done.log
+    assert "[ROUND 2/2]" in (tmp_path / "runs" / "workers" / "flower.log").read_text()
     # Assert: each SuperNode started its worker once, for its four messages; one socket per site.
     for name in ("supernode-0", "supernode-1"):
         assert (Path(done.log_dir) / f"{name}.log").read_text().count("Started the site worker") == 1

@@ -180,12 +180,18 @@ def poll_replies_promptly(grid: Grid) -> None:
         grid.pull_interval = SIMULATION_PULL_INTERVAL
 
 
+def named_run(settings: RunSettings) -> RunSettings:
+    """The settings with a run name: the one given, else the start time."""
+    if settings.run_name:
+        return settings
+    return RunSettings(**{**asdict(settings), "run_name": time.strftime("run-%Y%m%d-%H%M%S")})
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> dict:
     """Run (or resume) the federation; returns the final metrics history."""
     started = time.perf_counter()
     poll_replies_promptly(grid)
-    if not settings.run_name:
-        settings = RunSettings(**{**asdict(settings), "run_name": time.strftime("run-%Y%m%d-%H%M%S")})
+    settings = named_run(settings)
     run_dir = RunDirectory(settings.run_dir)
     run_dir.write_config(settings.to_run_config())
     log.info("Run directory: %s", run_dir.path)
