@@ -15,9 +15,9 @@ import sys
 import time
 
 from fedtower.central import run_central, run_leave_one_out
-from fedtower.cli import comparison_table
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.training import TrainConfig
+from fedtower.tables import comparison_table
 
 
 def main(argv: list[str] | None = None) -> dict:

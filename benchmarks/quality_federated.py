@@ -21,11 +21,11 @@ import tempfile
 import time
 
 from fedtower.central import run_central
-from fedtower.cli import comparison_table
 from fedtower.config import RunSettings
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.training import TrainConfig
 from fedtower.simulations.runner import simulate
+from fedtower.tables import comparison_table
 
 
 def main(argv: list[str] | None = None) -> dict:

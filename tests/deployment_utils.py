@@ -38,13 +38,13 @@ from fedtower.client.node_settings import NodeSettings
 from fedtower.client.private_round import calibrate, plan_training
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
+from fedtower.data.partition import PartitionConfig, partition_events
 from fedtower.data.prepared import prepare_split
 from fedtower.data.schema import EVENT_COLUMNS, Dataset
 from fedtower.data.sources import resolve_dataset
 from fedtower.deployment.keys import create_ca, create_node_keys, create_server_certificate
 from fedtower.privacy.accounting import ClientAccountant
 from fedtower.privacy.secure_random import DPRandom
-from fedtower.simulations.partition import PartitionConfig, partition_events
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live beside python

@@ -2,10 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedtower.data.schema import Catalogue
-from fedtower.data.synthetic import SyntheticConfig, generate
-from fedtower.data.weights import BehaviourWeights
-from fedtower.simulations.partition import (
+from fedtower.data.partition import (
     PartitionConfig,
     assign_users,
     category_names,
@@ -16,6 +13,9 @@ from fedtower.simulations.partition import (
     user_category_profile,
     users_of_partition,
 )
+from fedtower.data.schema import Catalogue
+from fedtower.data.synthetic import SyntheticConfig, generate
+from fedtower.data.weights import BehaviourWeights
 
 SMALL = SyntheticConfig(num_users=300, num_items=400, mean_events_per_user=20, seed=3)
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from fedtower.cli_serve import load_recommender
+from fedtower.cli.serve import load_recommender
 from fedtower.client.handlers import train_on_node
 from fedtower.client.state import ClientStateStore
 from fedtower.client.state_crypto import StateKey, read_key_file, write_new_key_file

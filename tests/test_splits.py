@@ -217,9 +217,9 @@ def test_movielens_leave_one_out_has_one_test_item_and_99_negatives_per_user(
 
 def test_a_groups_split_is_the_whole_split_cut_to_its_users():
     # Prepare: synthetic events of every behaviour, cut into skewed sites, and one user per client.
+    from fedtower.data.partition import PartitionConfig, partition_events, users_of_partition
     from fedtower.data.prepared import prepare_split
     from fedtower.data.sources import resolve_dataset
-    from fedtower.simulations.partition import PartitionConfig, partition_events, users_of_partition
 
     dataset = resolve_dataset("synthetic:users=200,items=60,seed=5")[0]
     whole = prepare_split(dataset)

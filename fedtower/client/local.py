@@ -19,12 +19,12 @@ from fedtower.client.node_settings import NodeSettings, as_node_settings
 from fedtower.client.state import ClientStateStore
 from fedtower.config import RunSettings
 from fedtower.data.loaders import load_event_log
+from fedtower.data.partition import PartitionConfig, partition_events, users_of_partition
 from fedtower.data.prepared import PreparedSplit, prepare_split
 from fedtower.data.schema import Catalogue, Dataset, empty_events
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
 from fedtower.privacy.spectral import SpectralLayout
-from fedtower.simulations.partition import PartitionConfig, partition_events, users_of_partition
 
 log = logging.getLogger("fedtower.client")
 

@@ -211,7 +211,7 @@ _SKELLAM_NOTE = ("dp-accounting has no Skellam mechanism: for histories with Ske
 
 
 def epsilon_table_text(rows: Sequence[AuditRow]) -> str:
-    from fedtower.server.report import render_table
+    from fedtower.tables import render_table
 
     body = [[row.node, str(row.round), row.status, f"{row.delta:.3g}", f"{row.epsilon_ledger:.4f}",
              f"{row.epsilon_fedtower:.4f}", _epsilon_text(row.epsilon_rdp), _epsilon_text(row.epsilon_pld)]

@@ -59,7 +59,7 @@ from fedtower.privacy.accounting import (
     independent_epsilon,
     is_skellam_entry,
 )
-from fedtower.server.report import render_table
+from fedtower.tables import render_table
 
 log = logging.getLogger(__name__)
 

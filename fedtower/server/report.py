@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedtower.data.schema import atomic_write_bytes
+from fedtower.tables import render_table
 
 _RESERVED_COLUMNS = ("round", "phase")
 _ABSENT = "-"
@@ -220,19 +221,6 @@ def rounds_table(history: Sequence[dict[str, Any]], keys: Sequence[str], *, phas
         return f"No {phase} rounds were recorded, so there is nothing to list."
     body = [[str(row["round"]), *(_format_value(row.get(name)) for name in keys)] for row in rows]
     return render_table(["round", *keys], body, f"{phase.capitalize()} metrics per round")
-
-
-def render_table(headers: list[str], rows: list[list[str]], title: str) -> str:
-    """First column left-aligned, the others right-aligned, two spaces apart."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        first = f"{cells[0]:<{widths[0]}}"
-        rest = [f"{cell:>{width}}" for cell, width in zip(cells[1:], widths[1:])]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([title, line(headers), rule, *(line(row) for row in rows)])
 
 
 def _format_value(value: Any) -> str:

@@ -17,10 +17,10 @@ import torch
 from fedtower.client.handlers import local_train_config
 from fedtower.client.local import build_model, cached_dataset, partition_config
 from fedtower.config import RunSettings
+from fedtower.data.partition import partition_events
 from fedtower.data.prepared import prepare_split
 from fedtower.metrics import RankingSums
 from fedtower.models.training import evaluate, make_optimizer, private_optimizer_state, train
-from fedtower.simulations.partition import partition_events
 
 
 def plain_federation(

@@ -22,8 +22,8 @@ from fedtower.client.local import cached_dataset, partition_config
 from fedtower.client.mods import optional_fixed_clipping
 from fedtower.client.node_settings import NodeSettings
 from fedtower.config import RunSettings
+from fedtower.data.partition import partition_users
 from fedtower.server.federation import run_federation
-from fedtower.simulations.partition import partition_users
 
 log = logging.getLogger("fedtower")
 

@@ -8,10 +8,7 @@ from typing import Annotated
 
 import typer
 
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
+from fedtower.cli.common import fail
 
 
 def recommend(
@@ -55,13 +52,13 @@ def recommend(
                 typer.echo(known)
             return
         if user is None:
-            raise _fail("Give --user USER, one of the node's users "
+            raise fail("Give --user USER, one of the node's users "
                         "(`fedtower recommend --state-dir DIR --list-users`).")
         recs = recommender.recommend(user, k, explain=explain, diversity=diversity,
                                      category_cap=category_cap, novelty=novelty)  # fmt: skip
     except (StateError, ValueError, FileNotFoundError) as err:
         hint = " List them with --list-users." if "Unknown user" in str(err) else ""
-        raise _fail(f"{err}{hint}") from None
+        raise fail(f"{err}{hint}") from None
     if json_out:
         typer.echo(json.dumps([r.to_dict() for r in recs], indent=2))
         return

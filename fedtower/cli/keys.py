@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedtower.cli.common import fail
 from fedtower.deployment import keys
 
 keys_app = typer.Typer(
@@ -18,9 +19,6 @@ OutOption = Annotated[Path, typer.Option("--out", help="Folder to write to (crea
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace existing files (the old keys are lost).")]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _wrote(*lines: str) -> None:
@@ -38,7 +36,7 @@ def ca(
     try:
         cert, key = keys.create_ca(out, name=name, days=days, overwrite=force)
     except (ValueError, OSError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     _wrote(f"Wrote {cert} (public) and {key} (private, mode 600).",
            "Next:",
            f"  fedtower keys server --ca-dir {out} --host <address sites dial> --out <server dir>",
@@ -60,7 +58,7 @@ def server(
     try:
         cert, key = keys.create_server_certificate(out, ca_dir=ca_dir, hosts=host, days=days, overwrite=force)
     except (ValueError, OSError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     ca_cert = ca_dir / keys.CA_CERT
     _wrote(f"Wrote {cert} (valid for {', '.join(host)}) and {key} (private, mode 600).",
            "Next: start the SuperLink with",
@@ -81,7 +79,7 @@ def node(
         key, pub = keys.create_node_keys(out, site=site, overwrite=force)
         ledger_key, ledger_pub = keys.create_ledger_keys(out, site=site, overwrite=force)
     except (ValueError, OSError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     _wrote(f"Wrote {key} and {ledger_key} (private, mode 600: never leave this machine), {pub} and {ledger_pub} "
            "(public).",
            "Next:",

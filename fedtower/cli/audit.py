@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
+from fedtower.cli.common import fail
+
 # dp-accounting, torch and the client are imported inside the command: `fedtower --help` stays fast.
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def audit(
@@ -50,7 +49,7 @@ def audit(
             node_config = {"state-key-file": str(state_key_file)} if state_key_file else None
             sites[str(state_dir)] = ClientStateStore.for_node(state_dir, node_config).read_ledger()
     except (ValueError, OSError, StateError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     result = audit_records(records, source=str(file), registry=registry, node=node, site_ledgers=sites,
                            tolerance=tolerance)  # fmt: skip
     typer.echo(render_json(result) if json_out else result.summary())

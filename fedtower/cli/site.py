@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from fedtower.cli.common import fail
+
 # Heavy modules (torch, the client) are imported inside the commands: `fedtower --help` stays fast.
 
 site_app = typer.Typer(help="A partner site's readiness check and privacy ledger.", no_args_is_help=True)
@@ -19,9 +21,6 @@ KeyFileOption = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 @site_app.command("check")
@@ -59,7 +58,7 @@ def check(
         overrides = parse_overrides(run_config) if run_config.strip() else {}
         node = parse_overrides(node_config) if node_config.strip() else {}
     except ValueError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     report = check_site(data_path, state_dir, max_epsilon=max_epsilon, state_key_file=state_key_file,
                         run_config=overrides, node_config=node)  # fmt: skip
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else render(report))
@@ -92,7 +91,7 @@ def ledger(
             typer.echo(public_key_of_state(store))
             return
     except (StateError, ValueError, OSError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if verify:
         from fedtower.privacy.audit import audit_records
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedtower.cli.common import fail
 from fedtower.client.state_crypto import StateKey, StateKeyError, read_key_file, write_new_key_file
 
 # fedtower.client.state (torch) is imported inside the commands: `fedtower --help` stays fast.
@@ -19,16 +20,13 @@ state_app = typer.Typer(
 StateDirOption = Annotated[Path, typer.Option("--state-dir", help="The node's state dir (node config state-dir).")]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _key(path: Path) -> StateKey:
     try:
         return StateKey(read_key_file(path), f"key file {path}")
     except StateKeyError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
 
 
 def _open(state_dir: Path, key):
@@ -37,7 +35,7 @@ def _open(state_dir: Path, key):
     try:
         return ClientStateStore(state_dir, create=False, key=key)
     except StateError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
 
 
 def _already_under(state_dir: Path, key: StateKey) -> bool:
@@ -59,7 +57,7 @@ def keygen(
     try:
         key = write_new_key_file(key_file)
     except StateKeyError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(f"Wrote a new state key to {key_file} (key id {key.key_id}). Keep a copy somewhere safe: "
                "without it the encrypted state cannot be read.")  # fmt: skip
 
@@ -90,7 +88,7 @@ def rotate_key(
     """
     old, new = _key(old_key_file), _key(new_key_file)
     if old.key_id == new.key_id:
-        raise _fail(f"{old_key_file} and {new_key_file} hold the same key (id {old.key_id}).")
+        raise fail(f"{old_key_file} and {new_key_file} hold the same key (id {old.key_id}).")
     if _already_under(state_dir, new):
         typer.echo(f"{state_dir} is already encrypted with the new key (id {new.key_id}); nothing to do.")
         return
@@ -105,7 +103,7 @@ def _rekey(store, key: StateKey) -> None:
         version = store.rekey(key)
         ClientStateStore(store.state_dir, create=False, key=key).verify()
     except StateError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(f"{store.state_dir}: state version {version} is encrypted with key id {key.key_id}.")
 
 
@@ -126,7 +124,7 @@ def verify(
         counts = {name: len(store.read_log(name)) for name in LOG_NAMES}
         encrypted = store.encrypted
     except StateError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     how = f"encrypted (key id {store.key_id})" if encrypted else "plaintext"
     typer.echo(f"{state_dir}: version {version}, {how}, rounds trained {meta.get('rounds_trained', 0)}, "
                + ", ".join(f"{n} {name} entries" for name, n in counts.items()) + ". All checks passed.")  # fmt: skip
@@ -154,5 +152,5 @@ def adopt_counter(
         store.verify()
         body = adopt(store, counter)
     except StateError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(f"Rollback counter {counter} adopted state {state_dir} at accountant change {body['sequence']}.")

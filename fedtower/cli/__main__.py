@@ -1,0 +1,5 @@
+"""`python -m fedtower.cli`: the `fedtower` command."""
+
+from fedtower.cli import run
+
+run()
