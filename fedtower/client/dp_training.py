@@ -55,12 +55,22 @@ from fedtower.privacy.secure_random import DPRandom
 from fedtower.privacy.sparse_tables import LazyNoiseTable, clip_factors, per_sample_row_grads
 
 log = logging.getLogger("fedtower.client")
-# Opacus's full backward hooks warn when the inputs are integer ids (which never need gradients).
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 UNITS = ("user", "interaction")
 UNCLIPPED = 1e30  # the clipping bound of the test-only no-clipping hook
 NEGATIVES_STREAM = 0x6E65_6773  # "negs": tags the shared-negatives random stream
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """loss.backward() without torch's notice that Opacus's full backward hooks fire on outputs only.
+
+    The model's first layer reads integer ids, so no input needs a gradient; the per-sample
+    gradients of the parameters come from the output gradients, which is what the hooks capture
+    (tests/test_dp_training.py checks them against a per-sample reference)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs", category=UserWarning)  # fmt: skip
+        loss.backward()
 
 
 @dataclass(frozen=True)
@@ -301,7 +311,7 @@ class DPTrainer:
                 loss, free = self._user_loss(histories, rows)
             else:
                 loss, free = self._interaction_loss(samples, rows), None
-            loss.backward()  # a per-sample sum: each sample's gradient is its own
+            _backward(loss)  # a per-sample sum: each sample's gradient is its own
             if free is not None and free.grad is not None:
                 self._update_users(rows, free.grad)
         divisor = cfg.batch_divisor if cfg.batch_divisor is not None else max(1.0, cfg.sample_rate * len(population))
@@ -393,7 +403,7 @@ class DPTrainer:
         if batch == 0:
             return torch.zeros(length, dtype=torch.long), 0
         loss, free = self._user_loss(histories, rows)
-        loss.backward()
+        _backward(loss)
         if free is not None and free.grad is not None:
             self._update_users(rows, free.grad)
         per_table = [table.batch_reads() for table in self.tables]
