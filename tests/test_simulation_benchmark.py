@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.simulation
 def test_the_overhead_ratio_is_over_the_steady_rounds_of_one_run():
     # Execute: 10 sites of a small synthetic dataset, 5 rounds (2 warm-up, 2 steady, 1 evaluating).
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simulation_overhead.py"), "--data",
