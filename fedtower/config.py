@@ -84,6 +84,10 @@ class RunSettings:
     num_negatives: int = 256  # shared negative items per step
     user_l2: float = 1.0  # L2 penalty on the private user embeddings
     keep_item_moments: bool = True  # keep local Adam moments of the item tower between rounds (disk!)
+    local_optimizer: str = "adam"  # adam, or sgd (with a server optimizer such as fedadam, for one-user clients)
+    # Federated reconstruction (Singhal et al. 2021): before its local training, each client re-solves its
+    # users' private vectors for this many epochs with the received item tower frozen (0: off).
+    reconstruction_epochs: int = 0
     device: str = "auto"  # auto, cpu or cuda
     # Differential privacy on each client (Opacus, RDP accountant). DP is on when
     # noise-multiplier > 0 or target-epsilon > 0.
@@ -139,6 +143,10 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.partitioning not in PARTITIONINGS:
             raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}.")
+        if self.local_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"local-optimizer must be 'adam' or 'sgd', got {self.local_optimizer!r}.")
+        if self.reconstruction_epochs < 0:
+            raise ValueError(f"reconstruction-epochs must be 0 or more, got {self.reconstruction_epochs}.")
         if self.flower_detail not in ("file", "console"):
             raise ValueError(f"flower-detail must be 'file' or 'console', got {self.flower_detail!r}.")
         if self.strategy not in STRATEGIES:

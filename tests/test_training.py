@@ -275,3 +275,40 @@ def test_train_config_round_trips_through_to_dict():
 
     # Execute / Assert
     assert TrainConfig(**config.to_dict()) == config
+
+
+# ---------------------------------------------------------------- cross-device options
+
+
+def test_reconstruction_fits_the_users_vectors_and_leaves_the_item_tower_as_received():
+    # Prepare: a received item tower, and two users whose free vectors start at zero.
+    from fedtower.client.handlers import reconstruct_users
+
+    torch.manual_seed(0)
+    model = TwoTower(TwoTowerConfig(num_items=30, num_users=2, dim=8))
+    histories = histories_of([[1, 2, 3, 4], [5, 6, 7]])
+    config = TrainConfig(epochs=1, history_len=10, history_dropout=0.0, schedule="constant", lr=0.05)
+    received = {k: v.clone() for k, v in model.item_tower_state().items()}
+    before = model.user_tower.embedding.weight.detach().clone()
+
+    # Execute
+    reconstruct_users(model, histories, config, epochs=5)
+
+    # Assert: every item-tower tensor is bit-for-bit the one received, no gradient is left on it, and the
+    # free vectors moved.
+    for key, value in model.item_tower_state().items():
+        assert torch.equal(value, received[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(model.user_tower.embedding.weight, before)
+
+
+def test_local_sgd_takes_plain_gradient_steps():
+    # Prepare
+    model = TwoTower(TwoTowerConfig(num_items=10, num_users=1, dim=4))
+    # Execute
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.5))
+    # Assert: SGD without momentum, the user tower with its own L2.
+    assert type(optimizer) is torch.optim.SGD
+    assert all(group["lr"] == 0.5 and group.get("momentum", 0) == 0 for group in optimizer.param_groups)
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'sgd'"):
+        TrainConfig(optimizer="lion")

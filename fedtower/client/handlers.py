@@ -146,6 +146,7 @@ def local_train_config(settings: RunSettings, server_round: int) -> TrainConfig:
         loss=settings.loss,
         num_negatives=settings.num_negatives,
         user_l2=settings.user_l2,
+        optimizer=settings.local_optimizer,
         seed=settings.seed * 100_003 + server_round,  # no DP here: reproducible on purpose
     )
 
@@ -182,6 +183,7 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
         load_user_embeddings(model, data.users, saved["users"])
         model.to(pick_device(settings.device))
         train_config = local_train_config(settings, server_round)
+        reconstruct_users(model, data.split.train, train_config, settings.reconstruction_epochs)
         optimizer = make_optimizer(model, train_config)
         saved_optimizer = saved["optimizer"]
         if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
@@ -204,6 +206,17 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     content = train_content(arrays, num_examples=len(data.users), train_loss=float(logs[-1]["loss"]),
                             seconds=time.perf_counter() - started)  # fmt: skip
     return Message(content=content, reply_to=message)
+
+
+def reconstruct_users(model: TwoTower, histories, config: TrainConfig, epochs: int) -> None:
+    """Federated reconstruction: fit the users' private vectors to the received item tower, which stays
+    frozen (only the user tower is in the optimizer), before the round's own training."""
+    if epochs <= 0 or model.user_tower.embedding is None:
+        return
+    user_params = [p for n, p in model.named_parameters() if n.startswith("user_tower.")]
+    optimizer = torch.optim.Adam([{"params": user_params, "weight_decay": config.user_l2}], lr=config.lr)
+    train(model, histories, replace(config, epochs=epochs, optimizer="adam"), optimizer=optimizer)
+    model.zero_grad(set_to_none=True)  # the item tower's gradients from these steps are not an update
 
 
 # What each reply carries is built here and only here: `fedtower site check` shows a site

@@ -38,6 +38,7 @@ class TrainConfig:
     num_negatives: int = 256  # for the sampled losses
     user_l2: float = 1.0  # L2 on the free user embedding: keeps it a small correction
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # "adam" | "sgd" (plain SGD: a one-user client's update is its gradient)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +69,8 @@ def make_optimizer(model: TwoTower, config: TrainConfig) -> torch.optim.Optimize
     groups = [{"params": other_params, "weight_decay": config.weight_decay}]
     if user_params:
         groups.append({"params": user_params, "weight_decay": config.user_l2})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr)
     return torch.optim.Adam(groups, lr=config.lr)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedtower.client.handlers import local_train_config
+from fedtower.client.handlers import local_train_config, reconstruct_users
 from fedtower.client.local import build_model, cached_dataset, partition_config
 from fedtower.config import RunSettings
 from fedtower.data.partition import partition_events
@@ -52,6 +52,7 @@ def plain_federation(
             if users[p] is not None:
                 model.user_tower.embedding.weight.data.copy_(users[p])
             train_config = local_train_config(settings, server_round)
+            reconstruct_users(model, split.train, train_config, settings.reconstruction_epochs)
             optimizer = make_optimizer(model, train_config)
             if p in optimizers:
                 optimizer.load_state_dict(optimizers[p])
