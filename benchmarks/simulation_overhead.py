@@ -8,7 +8,9 @@ partitions, model, TrainConfig, rounds) twice: as a plain Python loop
 real ClientApp (state files, messages, Ray). Done at 10 partner sites and at
 one user per client with 10% of clients per round. Per-round times exclude
 start-up (Ray, data loading) and evaluation, which runs only after the last
-round; the ratio is over the steady rounds after the first two (Ray's workers
+round; a third loop runs the same rounds through fedtower's real handlers and
+server in this process (no Flower engine), so fedtower's own share of a round
+shows beside Flower's. The ratio is over the steady rounds after the first two (Ray's workers
 start and meet their partitions then), and the ratio with those rounds is
 reported too. Last line: JSON with seconds per round and the overhead ratio
 per setup.
@@ -28,6 +30,7 @@ import time
 import torch
 
 from fedtower.config import RunSettings
+from fedtower.simulations.in_process import simulate_in_process
 from fedtower.simulations.plain import plain_federation
 from fedtower.simulations.runner import num_partitions, simulate
 
@@ -47,6 +50,12 @@ def measure(base: dict, rounds: int) -> dict:
     # meets its partitions for the first time). Compare the steady training rounds between.
     steady = slice(WARM_UP_ROUNDS, -1)
     plain_seconds = statistics.median(r["seconds"] for r in plain["rounds"][steady])
+    # The same rounds with fedtower's real handlers, state files and server logic, but no Flower engine:
+    # what is left above the plain loop is fedtower's, what the engine adds above this is Flower's and Ray's.
+    in_process = simulate_in_process(RunSettings.from_run_config({**settings.to_run_config(), "output-dir":
+                                     tempfile.mkdtemp(prefix="fedtower-overhead-"), "run-name": "in-process"}))[0]
+    in_process_rounds = [row["round-seconds"] for row in in_process["history"] if row["phase"] == "train"]
+    in_process_seconds = statistics.median(in_process_rounds[steady])
     started = time.perf_counter()
     result = simulate(settings)
     total = time.perf_counter() - started
@@ -61,6 +70,11 @@ def measure(base: dict, rounds: int) -> dict:
         "flower_seconds_per_round": flower_seconds,
         "overhead_ratio": flower_seconds / plain_seconds,
         "overhead_ratio_with_warm_up": with_warm_up,  # median over every training round, warm-up included
+        # One client after another in this process (as the plain loop): fedtower's share of a round is
+        # in_process - plain; Flower's engine runs clients_in_parallel at a time, so its share is not a difference.
+        "in_process_seconds_per_round": in_process_seconds,
+        "fedtower_share_seconds_per_round": in_process_seconds - plain_seconds,
+        "in_process_round_seconds": in_process_rounds,
         "flower_total_seconds": total,
         "plain_round_seconds": [r["seconds"] for r in plain["rounds"]],
         "flower_round_seconds": flower_rounds,
@@ -75,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--skip-users", action="store_true", help="only the 10-site setup")
+    parser.add_argument("--users-fraction", type=float, default=0.1,
+                        help="share of one-user clients per round (0.164 = 100 of ml-latest-small's 610)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["sites_10"] = measure({**common, "partitioning": "sites", "num-sites": 10}, args.rounds)
     print(json.dumps(out["sites_10"]), file=sys.stderr)
     if not args.skip_users:
-        out["users"] = measure({**common, "partitioning": "users", "fraction-train": 0.1}, args.rounds)
+        out["users"] = measure({**common, "partitioning": "users", "fraction-train": args.users_fraction}, args.rounds)
         print(json.dumps(out["users"]), file=sys.stderr)
     out["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(out))

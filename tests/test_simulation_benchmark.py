@@ -30,6 +30,10 @@ def test_the_overhead_ratio_is_over_the_steady_rounds_of_one_run():
     flower = statistics.median(sites["flower_round_seconds"][2:4])
     assert sites["overhead_ratio"] == pytest.approx(flower / plain)
     assert sites["overhead_ratio_with_warm_up"] > 0 and result["torch_threads"] >= 1
+    # fedtower's share: the same rounds through its handlers in this process, less the plain loop.
+    assert len(sites["in_process_round_seconds"]) == 5
+    in_process = statistics.median(sites["in_process_round_seconds"][2:4])
+    assert sites["fedtower_share_seconds_per_round"] == pytest.approx(in_process - plain)
     assert "users" not in result
 
 
