@@ -197,8 +197,10 @@ def test_a_ray_simulation_sums_exactly_what_the_surviving_sites_masked(tmp_path)
     )
 
     # Prepare: four sites, t = 3; site 3 vanishes at the masked-input stage of every round.
+    # One Ray actor per site (client-num-cpus 0.5 on 2 cores): a site that exits its process must take no
+    # other site's queued message down with its actor.
     settings = secure_config(tmp_path, "ray", **{"num-sites": 4, "secagg-threshold": 3, "dp-federation-users": 150,
-                                                 "eval-every": 2})  # fmt: skip
+                                                 "eval-every": 2, "client-num-cpus": 0.5})  # fmt: skip
     record = {**SITES, "test-only-secagg-record": True}
     # Execute
     result = simulate(settings, site_config=record, per_site={3: {"test-only-secagg-drop": 3}})
@@ -237,8 +239,9 @@ def test_a_ray_simulation_aborts_a_round_that_loses_one_site_too_many(tmp_path):
     from tests.secagg_utils import item_tower
 
     # Prepare: four sites, t = 3, two vanish at the masked-input stage.
+    # One Ray actor per site, as above: the two vanishing sites must not take the survivors' messages with them.
     settings = secure_config(tmp_path, "ray-abort", **{"num-sites": 4, "secagg-threshold": 3, "num-server-rounds": 1,
-                                                       "eval-every": 1})  # fmt: skip
+                                                       "eval-every": 1, "client-num-cpus": 0.5})  # fmt: skip
     drop = {"test-only-secagg-drop": 3}
     # Execute
     result = simulate(settings, site_config=SITES, per_site={2: drop, 3: drop})
