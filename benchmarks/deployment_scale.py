@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the loopback deployment harness lives with the tests
 
+from fedtower.local_superlink import process_table  # noqa: E402
 from tests.deployment_utils import local_deployment, prepare_sites  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -48,16 +49,9 @@ def rss_mib(pid: int) -> float:
 def site_worker_pids() -> dict[str, list[int]]:
     """State dir -> pids of the site workers serving it (they run in their own session)."""
     found: dict[str, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"fedtower.client.site_worker" in argv and b"--state-dir" in argv:
-            state_dir = argv[argv.index(b"--state-dir") + 1].decode()
-            found.setdefault(state_dir, []).append(int(entry.name))
+    for pid, (_, argv) in process_table().items():
+        if "fedtower.client.site_worker" in argv and "--state-dir" in argv:
+            found.setdefault(argv[argv.index("--state-dir") + 1], []).append(pid)
     return found
 
 

@@ -35,6 +35,15 @@ def _comments(source: str) -> dict[int, str]:
     return found
 
 
+def _shown(default: object) -> str:
+    """A default as the reader writes it in TOML: "" for empty text, true/false, none for unset."""
+    if default == "":
+        return '""'
+    if default is None:
+        return "none"
+    return repr(default).lower() if isinstance(default, bool) else repr(default)
+
+
 def _rows(cls) -> list[tuple[str, str, str, str, str]]:
     """(group note, key, type, default, description) for each public field, in source order."""
     source = inspect.getsource(cls)
@@ -56,8 +65,7 @@ def _rows(cls) -> list[tuple[str, str, str, str, str]]:
             note = " ".join(above)
         last_line = node.end_lineno
         default = defaults[name]
-        shown = '""' if default == "" else ("none" if default is None else repr(default).lower()
-                                            if isinstance(default, bool) else repr(default))  # fmt: skip
+        shown = _shown(default)
         rows.append((note, name.replace("_", "-"), ast.unparse(node.annotation), shown,
                      comments.get(node.lineno, "")))
     return rows

@@ -8,6 +8,7 @@ Stopping sends SIGTERM to it and to the processes it started (its SuperExec and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ def local_log_file(home: Path | None = None) -> Path:
     return (home or flower_home()) / "local-superlink" / "superlink.log"
 
 
-def _processes() -> dict[int, tuple[int, list[str]]]:
+def process_table() -> dict[int, tuple[int, list[str]]]:
     """pid -> (parent pid, argv) of every process we may read."""
     found = {}
     for entry in Path("/proc").iterdir():
@@ -38,11 +39,11 @@ def _processes() -> dict[int, tuple[int, list[str]]]:
     return found
 
 
-def local_superlinks(home: Path | None = None) -> list[int]:
-    """Pids of the SuperLinks `flwr run` started for this FLWR_HOME."""
+def local_superlinks(home: Path | None = None, processes: dict[int, tuple[int, list[str]]] | None = None) -> list[int]:
+    """Pids of the SuperLinks `flwr run` started for this FLWR_HOME (`processes`: a /proc read to reuse)."""
     log_file = str(local_log_file(home))
     pids = []
-    for pid, (_, argv) in _processes().items():
+    for pid, (_, argv) in (processes if processes is not None else process_table()).items():
         if any(Path(a).name == "flower-superlink" for a in argv[:2]) and "--log-file" in argv:
             at = argv.index("--log-file")
             if at + 1 < len(argv) and argv[at + 1] == log_file:
@@ -66,22 +67,22 @@ def _descendants(root: int, processes: dict[int, tuple[int, list[str]]]) -> list
 def stop_local_superlinks(home: Path | None = None, *, timeout: float = 15.0) -> list[int]:
     """SIGTERM each local SuperLink and what it started; SIGKILL what is left after `timeout`. Returns
     the pids that were signalled."""
-    processes = _processes()
+    processes = process_table()
     targets = []
-    for pid in local_superlinks(home):
+    for pid in local_superlinks(home, processes):
         targets += [*_descendants(pid, processes), pid]
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal(targets, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
         time.sleep(0.2)
-    for pid in targets:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    _signal([pid for pid in targets if _alive(pid)], signal.SIGKILL)
     return targets
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile: nothing left to stop
+            os.kill(pid, sig)
 
 
 def _alive(pid: int) -> bool:

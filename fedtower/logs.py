@@ -58,7 +58,7 @@ def flower_detail_to_file(log_file, *, verbose: bool = False) -> Iterator[None]:
     for handler in handlers:
         handler.addFilter(shown)
     FLOWER_LOGGER.addHandler(to_file)
-    added_to_ours = to_file not in ours.handlers and not ours.propagate
+    added_to_ours = not ours.propagate
     if added_to_ours:  # fedtower's records go to Flower's handlers directly (use_flower_logging): log them too
         ours.addHandler(to_file)
     try:
