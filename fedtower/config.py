@@ -147,6 +147,11 @@ class RunSettings:
             raise ValueError(f"local-optimizer must be 'adam' or 'sgd', got {self.local_optimizer!r}.")
         if self.reconstruction_epochs < 0:
             raise ValueError(f"reconstruction-epochs must be 0 or more, got {self.reconstruction_epochs}.")
+        if self.reconstruction_epochs and (self.noise_multiplier > 0 or self.target_epsilon > 0):
+            # Refitting the private user rows outside DP-SGD would take them out of the interaction-level
+            # guarantee (privacy-findings f3b); DP rounds have no non-private step.
+            raise ValueError("reconstruction-epochs applies to non-private runs only; a DP run fits the users' "
+                             "vectors inside DP-SGD. Set reconstruction-epochs = 0 or turn DP off.")
         if self.flower_detail not in ("file", "console"):
             raise ValueError(f"flower-detail must be 'file' or 'console', got {self.flower_detail!r}.")
         if self.strategy not in STRATEGIES:

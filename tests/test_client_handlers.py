@@ -192,3 +192,14 @@ def test_the_simulation_grid_polls_for_replies_every_10_ms_and_other_grids_are_l
     # Assert
     assert grid.pull_interval == pytest.approx(0.01)
     assert not hasattr(in_process, "pull_interval")
+
+
+def test_a_coordinator_cannot_make_a_dp_site_refit_its_users_outside_dp(run_config, global_tower):
+    # Prepare: the coordinator's run config asks for DP and, beside it, a non-private reconstruction.
+    hostile = {**run_config, "noise-multiplier": 1.0, "reconstruction-epochs": 3}
+    context = node_context({"partition-id": 0, "num-partitions": 3, "dp-population-users": 30}, hostile)
+    with task_identity():
+        # Execute / Assert: the site refuses before touching its state or training.
+        with pytest.raises(ValueError, match="reconstruction-epochs applies to non-private runs only"):
+            train_on_node(server_message(global_tower, node_id=9), context)
+    assert not (RunSettings.from_run_config(run_config).run_dir / "clients").exists()
