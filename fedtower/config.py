@@ -68,6 +68,11 @@ class RunSettings:
     # Server strategy.
     strategy: str = "fedavg"  # fedavg, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum
     server_lr: float = 0.05  # FedAdam / FedYogi eta
+    # FedAdam / FedYogi moments and their adaptivity. Flower's tau of 1e-3 suits updates of that size; a
+    # local SGD step's delta is far smaller and needs a tau well below it (1e-8, as Adam's eps).
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
     server_momentum: float = 0.9  # FedAvgM
     trim_beta: float = 0.2  # FedTrimmedAvg: share cut at each end
     krum_byzantine: int = 1  # Krum: tolerated malicious clients
@@ -87,7 +92,9 @@ class RunSettings:
     local_optimizer: str = "adam"  # adam, or sgd (with a server optimizer such as fedadam, for one-user clients)
     # Federated reconstruction (Singhal et al. 2021): before its local training, each client re-solves its
     # users' private vectors for this many epochs with the received item tower frozen (0: off).
+    # The local training then updates the item tower only, as in their Algorithm 1.
     reconstruction_epochs: int = 0
+    reconstruction_lr: float = 0.0  # Adam learning rate of the reconstruction (0: lr)
     device: str = "auto"  # auto, cpu or cuda
     # Differential privacy on each client (Opacus, RDP accountant). DP is on when
     # noise-multiplier > 0 or target-epsilon > 0.
@@ -152,6 +159,13 @@ class RunSettings:
             # guarantee (privacy-findings f3b); DP rounds have no non-private step.
             raise ValueError("reconstruction-epochs applies to non-private runs only; a DP run fits the users' "
                              "vectors inside DP-SGD. Set reconstruction-epochs = 0 or turn DP off.")
+        if self.reconstruction_lr < 0:
+            raise ValueError(f"reconstruction-lr must be 0 (use lr) or positive, got {self.reconstruction_lr}.")
+        for name in ("server_beta_1", "server_beta_2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{_kebab(name)} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.server_tau > 0:
+            raise ValueError(f"server-tau must be positive, got {self.server_tau}.")
         if self.flower_detail not in ("file", "console"):
             raise ValueError(f"flower-detail must be 'file' or 'console', got {self.flower_detail!r}.")
         if self.strategy not in STRATEGIES:

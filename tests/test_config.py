@@ -54,6 +54,9 @@ def test_round_trip_and_int_for_float():
         ({"taste-skew": 2.0}, "taste-skew must be between 0 and 1"),
         ({"partitioning": "random"}, "partitioning must be one of"),
         ({"eval-every": 0}, "eval-every must be at least 1"),
+        ({"server-tau": 0.0}, "server-tau must be positive"),
+        ({"server-beta-2": 1.0}, "server-beta-2 must be in \\[0, 1\\)"),
+        ({"reconstruction-lr": -0.1}, "reconstruction-lr must be 0 \\(use lr\\) or positive"),
     ],
 )
 def test_bad_settings_are_named(config, message):

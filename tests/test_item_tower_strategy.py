@@ -142,6 +142,16 @@ def test_every_named_strategy_builds(name):
     assert isinstance(build_inner_strategy(name, fraction_train=0.5), FedAvg)
 
 
+def test_server_optimizer_settings_reach_flowers_fedadam_and_fedyogi():
+    # Prepare / Execute
+    adam = build_inner_strategy("fedadam", server_lr=0.006, server_beta_1=0.8, server_beta_2=0.999,
+                                server_tau=1e-8)
+    yogi = build_inner_strategy("fedyogi", server_tau=1e-6)
+    # Assert
+    assert (adam.eta, adam.beta_1, adam.beta_2, adam.tau) == (0.006, 0.8, 0.999, 1e-8)
+    assert yogi.tau == 1e-6
+
+
 def test_unknown_strategy_and_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="Unknown strategy 'fedsgd'"):
         build_inner_strategy("fedsgd")

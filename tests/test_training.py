@@ -302,6 +302,53 @@ def test_reconstruction_fits_the_users_vectors_and_leaves_the_item_tower_as_rece
     assert not torch.equal(model.user_tower.embedding.weight, before)
 
 
+def test_reconstruction_uses_its_own_learning_rate():
+    # Prepare: the same model and data twice; a learning rate far from the round's.
+    from fedtower.client.handlers import reconstruct_users
+
+    def fitted(lr):
+        torch.manual_seed(0)
+        model = TwoTower(TwoTowerConfig(num_items=30, num_users=1, dim=8))
+        config = TrainConfig(epochs=1, history_len=10, history_dropout=0.0, schedule="constant", lr=0.5)
+        reconstruct_users(model, histories_of([[1, 2, 3]]), config, epochs=1, lr=lr)
+        return model.user_tower.embedding.weight.detach().clone()
+
+    # Execute
+    small, default = fitted(1e-3), fitted(0.0)
+
+    # Assert: one Adam step from zero moves every coordinate by about its learning rate (1e-3 or, with
+    # 0, the round's 0.5).
+    assert small.abs().max().item() == pytest.approx(1e-3, rel=0.05)
+    assert default.abs().max().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_after_reconstruction_the_round_trains_the_item_tower_only():
+    # Prepare: a one-user client with reconstruction on, and local SGD at a large learning rate.
+    from fedtower.client.handlers import local_optimizer, reconstruct_users
+    from fedtower.config import RunSettings
+
+    settings = RunSettings(reconstruction_epochs=2, local_optimizer="sgd", lr=0.5)
+    torch.manual_seed(0)
+    model = TwoTower(TwoTowerConfig(num_items=30, num_users=1, dim=8))
+    histories = histories_of([[1, 2, 3, 4]])
+    config = TrainConfig(epochs=2, history_len=10, history_dropout=0.0, schedule="constant", lr=0.5,
+                         optimizer="sgd")
+    reconstruct_users(model, histories, config, epochs=2, lr=0.01)
+    fitted = model.user_tower.embedding.weight.detach().clone()
+    received = {k: v.clone() for k, v in model.item_tower_state().items()}
+
+    # Execute
+    train(model, histories, config, optimizer=local_optimizer(model, config, settings))
+
+    # Assert: the reconstructed user vector is untouched (not even decayed), the item tower moved.
+    assert torch.equal(model.user_tower.embedding.weight, fitted)
+    assert not torch.equal(model.item_tower_state()["item_tower.id_embedding.weight"],
+                           received["item_tower.id_embedding.weight"])
+    # Without reconstruction the same optimizer holds the user tower too.
+    plain = local_optimizer(model, config, RunSettings(local_optimizer="sgd", lr=0.5))
+    assert len(plain.param_groups) == 2
+
+
 def test_local_sgd_takes_plain_gradient_steps():
     # Prepare
     model = TwoTower(TwoTowerConfig(num_items=10, num_users=1, dim=4))

@@ -183,8 +183,9 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
         load_user_embeddings(model, data.users, saved["users"])
         model.to(pick_device(settings.device))
         train_config = local_train_config(settings, server_round)
-        reconstruct_users(model, data.split.train, train_config, settings.reconstruction_epochs)
-        optimizer = make_optimizer(model, train_config)
+        reconstruct_users(model, data.split.train, train_config, settings.reconstruction_epochs,
+                          settings.reconstruction_lr)
+        optimizer = local_optimizer(model, train_config, settings)
         saved_optimizer = saved["optimizer"]
         if saved_optimizer is not None and _same_param_shapes(saved_optimizer, optimizer):
             optimizer.load_state_dict(saved_optimizer)
@@ -208,15 +209,23 @@ def train_on_node(message: Message, context: Context, run_config: Mapping | None
     return Message(content=content, reply_to=message)
 
 
-def reconstruct_users(model: TwoTower, histories, config: TrainConfig, epochs: int) -> None:
+def reconstruct_users(model: TwoTower, histories, config: TrainConfig, epochs: int, lr: float = 0.0) -> None:
     """Federated reconstruction: fit the users' private vectors to the received item tower, which stays
     frozen (only the user tower is in the optimizer), before the round's own training."""
     if epochs <= 0 or model.user_tower.embedding is None:
         return
     user_params = [p for n, p in model.named_parameters() if n.startswith("user_tower.")]
-    optimizer = torch.optim.Adam([{"params": user_params, "weight_decay": config.user_l2}], lr=config.lr)
-    train(model, histories, replace(config, epochs=epochs, optimizer="adam"), optimizer=optimizer)
+    lr = lr or config.lr
+    optimizer = torch.optim.Adam([{"params": user_params, "weight_decay": config.user_l2}], lr=lr)
+    train(model, histories, replace(config, epochs=epochs, optimizer="adam", lr=lr), optimizer=optimizer)
     model.zero_grad(set_to_none=True)  # the item tower's gradients from these steps are not an update
+
+
+def local_optimizer(model: TwoTower, config: TrainConfig, settings: RunSettings) -> torch.optim.Optimizer:
+    """The round's optimizer. With reconstruction the user tower was fitted just before and stays fixed: the
+    round's training updates the item tower only (Singhal et al. 2021, Algorithm 1). That also keeps an SGD
+    learning rate sized for item-tower gradients (and its weight decay) off the user vectors."""
+    return make_optimizer(model, config, users=settings.reconstruction_epochs == 0)
 
 
 # What each reply carries is built here and only here: `fedtower site check` shows a site

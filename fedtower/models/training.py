@@ -63,8 +63,9 @@ class TrainConfig:
         return asdict(self)
 
 
-def make_optimizer(model: TwoTower, config: TrainConfig) -> torch.optim.Optimizer:
-    user_params = [p for n, p in model.named_parameters() if n.startswith("user_tower.")]
+def make_optimizer(model: TwoTower, config: TrainConfig, *, users: bool = True) -> torch.optim.Optimizer:
+    """The local optimizer; `users=False` leaves the user tower out (federated reconstruction fits it first)."""
+    user_params = [p for n, p in model.named_parameters() if n.startswith("user_tower.")] if users else []
     other_params = [p for n, p in model.named_parameters() if not n.startswith("user_tower.")]
     groups = [{"params": other_params, "weight_decay": config.weight_decay}]
     if user_params:

@@ -14,13 +14,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedtower.client.handlers import local_train_config, reconstruct_users
+from fedtower.client.handlers import local_optimizer, local_train_config, reconstruct_users
 from fedtower.client.local import build_model, cached_dataset, partition_config
 from fedtower.config import RunSettings
 from fedtower.data.partition import partition_events
 from fedtower.data.prepared import prepare_split
 from fedtower.metrics import RankingSums
-from fedtower.models.training import evaluate, make_optimizer, private_optimizer_state, train
+from fedtower.models.training import evaluate, private_optimizer_state, train
 
 
 def plain_federation(
@@ -52,8 +52,9 @@ def plain_federation(
             if users[p] is not None:
                 model.user_tower.embedding.weight.data.copy_(users[p])
             train_config = local_train_config(settings, server_round)
-            reconstruct_users(model, split.train, train_config, settings.reconstruction_epochs)
-            optimizer = make_optimizer(model, train_config)
+            reconstruct_users(model, split.train, train_config, settings.reconstruction_epochs,
+                              settings.reconstruction_lr)
+            optimizer = local_optimizer(model, train_config, settings)
             if p in optimizers:
                 optimizer.load_state_dict(optimizers[p])
             train(model, split.train, train_config, optimizer=optimizer)

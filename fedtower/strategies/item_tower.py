@@ -54,10 +54,16 @@ def build_inner_strategy(name: str, **settings) -> FedAvg:
     }
     if name == "fedavg":
         return FedAvg(**common)
+    adaptive = {
+        "eta": settings.get("server_lr", 0.05),
+        "beta_1": settings.get("server_beta_1", 0.9),
+        "beta_2": settings.get("server_beta_2", 0.99),
+        "tau": settings.get("server_tau", 1e-3),
+    }
     if name == "fedadam":
-        return FedAdam(**common, eta=settings.get("server_lr", 0.05))
+        return FedAdam(**common, **adaptive)
     if name == "fedyogi":
-        return FedYogi(**common, eta=settings.get("server_lr", 0.05))
+        return FedYogi(**common, **adaptive)
     if name == "fedavgm":
         return FedAvgM(**common, server_momentum=settings.get("server_momentum", 0.9))
     if name == "fedtrimmedavg":
