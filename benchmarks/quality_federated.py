@@ -1,8 +1,12 @@
 """Federated (no DP) two-tower quality against the centralised model, measured in one run.
 
     python benchmarks/quality_federated.py --data ../shared/data/ml-latest-small --sites 10
+    python benchmarks/quality_federated.py --data ../shared/data/ml-latest-small --preset movielens-cross-device
     python benchmarks/quality_federated.py --data ../shared/data/ml-latest-small --clients users \\
-        --fraction 0.1 --rounds 60 --local-epochs 2
+        --fraction 0.1 --rounds 60 --local-epochs 2 --run-config "strategy='fedadam' server-tau=1e-8"
+
+With --preset the preset's run config is the start (any flag given, then --run-config, override it);
+without one, the flags' defaults are. The JSON also holds the NDCG@20 curve over the evaluated rounds.
 
 Trains the centralised model and the federated one (Flower's simulation engine,
 partner sites or one user per client) with the same model settings, evaluates
@@ -24,54 +28,62 @@ from fedtower.central import run_central
 from fedtower.config import RunSettings
 from fedtower.data.sources import resolve_dataset
 from fedtower.models.training import TrainConfig
+from fedtower.simulations.presets import load_preset, parse_overrides
 from fedtower.simulations.runner import simulate
 from fedtower.tables import comparison_table
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--clients", choices=("sites", "users"), default="sites")
-    parser.add_argument("--sites", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--local-epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=6e-3)
-    parser.add_argument("--fraction", type=float, default=1.0, help="share of clients per round")
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--data", default=None, help="dataset (default: the preset's, else synthetic)")
+    parser.add_argument("--preset", default=None, help="a preset name or run-config TOML file to start from")
+    parser.add_argument("--clients", choices=("sites", "users"), default=None, help="default sites")
+    parser.add_argument("--sites", type=int, default=None, help="default 10")
+    parser.add_argument("--rounds", type=int, default=None, help="default 40")
+    parser.add_argument("--local-epochs", type=int, default=None, help="default 4")
+    parser.add_argument("--lr", type=float, default=None, help="default 0.006")
+    parser.add_argument("--fraction", type=float, default=None, help="share of clients per round (default 1.0)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default 10")
+    parser.add_argument("--dim", type=int, default=None, help="default 128")
+    parser.add_argument("--strategy", default=None, help="default fedavg")
+    parser.add_argument("--run-config", default="", help="more run-config overrides, e.g. \"server-tau=1e-8\"")
     parser.add_argument("--central-epochs", type=int, default=40)
-    parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    return parser.parse_args(argv)
 
-    started = time.perf_counter()
-    dataset, _ = resolve_dataset(args.data)
-    central = run_central(dataset, model_settings={"dim": args.dim},
-                          train_config=TrainConfig(epochs=args.central_epochs))  # fmt: skip
-    central_seconds = time.perf_counter() - started
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 
     out = args.out or tempfile.mkdtemp(prefix="fedtower-quality-")
     settings = RunSettings.from_run_config({
-        "data": args.data, "partitioning": args.clients, "num-sites": args.sites,
-        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr,
-        "fraction-train": args.fraction, "fraction-evaluate": 1.0, "eval-every": args.eval_every,
-        "dim": args.dim, "strategy": args.strategy, "output-dir": out, "run-name": "federated",
+        **run_config_of(args), "fraction-evaluate": 1.0, "output-dir": out, "run-name": "federated",
     })  # fmt: skip
+    started = time.perf_counter()
+    dataset, _ = resolve_dataset(settings.data)
+    central = run_central(dataset, model_settings={"dim": settings.dim},
+                          train_config=TrainConfig(epochs=args.central_epochs))  # fmt: skip
+    central_seconds = time.perf_counter() - started
+
     federated_started = time.perf_counter()
     result = simulate(settings)
     federated_seconds = time.perf_counter() - federated_started
-    final = [row for row in result["history"] if row["phase"] == "evaluate"][-1]
+    evaluations = [row for row in result["history"] if row["phase"] == "evaluate"]
+    final = evaluations[-1]
 
     keys = ["ndcg@20", "recall@20", "precision@20", "mrr", "coverage@20"]
     print(comparison_table({"federated": final, "central": central["metrics"]}, keys), file=sys.stderr)
     out_json = {
-        "data": args.data,
-        "clients": args.clients,
-        "num_clients": args.sites if args.clients == "sites" else central["users"],
-        "rounds": args.rounds,
-        "local_epochs": args.local_epochs,
-        "fraction": args.fraction,
+        "data": settings.data,
+        "preset": args.preset,
+        "clients": settings.partitioning,
+        "num_clients": settings.num_sites if settings.partitioning == "sites" else central["users"],
+        "rounds": settings.num_server_rounds,
+        "local_epochs": settings.local_epochs,
+        "fraction": settings.fraction_train,
+        "strategy": settings.strategy,
+        "curve": {int(row["round"]): row["ndcg@20"] for row in evaluations},
         "ndcg@20": final["ndcg@20"],
         "recall@20": final["recall@20"],
         "central_ndcg@20": central["metrics"]["ndcg@20"],
@@ -80,12 +92,28 @@ def main(argv: list[str] | None = None) -> dict:
         "recall_ratio": final["recall@20"] / central["metrics"]["recall@20"],
         "central_seconds": central_seconds,
         "federated_seconds": federated_seconds,
-        "seconds_per_round": federated_seconds / args.rounds,
+        "seconds_per_round": federated_seconds / settings.num_server_rounds,
         "run_dir": result["run_dir"],
         "seconds": time.perf_counter() - started,
     }
     print(json.dumps(out_json))
     return out_json
+
+
+FLAG_KEYS = {"data": "data", "clients": "partitioning", "sites": "num-sites", "rounds": "num-server-rounds",
+             "local_epochs": "local-epochs", "lr": "lr", "fraction": "fraction-train", "eval_every": "eval-every",
+             "dim": "dim", "strategy": "strategy"}  # fmt: skip
+DEFAULTS = {"data": "synthetic", "partitioning": "sites", "num-sites": 10, "num-server-rounds": 40,
+            "local-epochs": 4, "lr": 6e-3, "fraction-train": 1.0, "eval-every": 10, "dim": 128,
+            "strategy": "fedavg"}  # fmt: skip
+
+
+def run_config_of(args) -> dict:
+    """The preset (or the defaults), then every flag given, then --run-config."""
+    values = dict(load_preset(args.preset)) if args.preset else dict(DEFAULTS)
+    values.update({key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None})
+    values.update(parse_overrides(args.run_config))
+    return values
 
 
 if __name__ == "__main__":
