@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum
 from opacus.accountants import RDPAccountant
 
 from fedtower.strategies.client_dp import (
+    SecureServerSideFixedClipping,
     accountant_state,
     client_dp_epsilon,
     restore_accountant_state,
@@ -298,3 +299,92 @@ def test_a_reply_rejected_by_the_item_tower_wrapper_cancels_the_release():
     assert arrays is None and client_dp_epsilon(dp) == 0.0
     arrays, _ = train_round(strategy, 2, tower(0.0), {1: tower(0.1), 2: tower(0.2)})
     assert arrays is not None and client_dp_epsilon(dp) == pytest.approx(GOLDEN_EPSILON[1], rel=1e-9)
+
+
+# ------------------------------------------------- server optimizer over the DP mean
+class RecordingWrapper(SecureServerSideFixedClipping):
+    """fedtower's server-side DP wrapper that also remembers what it released."""
+
+    def aggregate_train(self, *args):
+        arrays, metrics = super().aggregate_train(*args)
+        self.released = [*getattr(self, "released", []), arrays]
+        return arrays, metrics
+
+
+def test_fedadam_over_a_plain_mean_is_flowers_fedadam_bit_for_bit():
+    # Prepare: the same two replies go to Flower's FedAdam and to FedAdamOverDPMean stepping from a FedAvg.
+    from fedtower.strategies.client_dp import optimizer_over_dp_mean
+
+    arguments = {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.999, "tau": 1e-8, "min_train_nodes": 1,
+                 "min_available_nodes": 1, "min_evaluate_nodes": 1}  # fmt: skip
+    flower = FedAdam(**arguments)
+    ours = optimizer_over_dp_mean("fedadam", fedavg(), **arguments)
+    global_arrays = tower(0.0)
+    sent = {1: moved(global_arrays, {(KEYS[0], (0, 0)): 0.3}), 2: moved(global_arrays, {(KEYS[1], (2, 0)): -0.1})}
+
+    # Execute: two rounds each.
+    for server_round in (1, 2):
+        expected, _ = train_round(flower, server_round, global_arrays, sent)
+        got, _ = train_round(ours, server_round, global_arrays, sent)
+        # Assert
+        for key in KEYS:
+            np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy())
+        global_arrays = got
+
+
+def test_fedadam_steps_from_the_noisy_release_and_epsilon_is_the_wrappers():
+    # Prepare: FedAdam over Flower's server-side DP wrapper, two clients, one update far above the clip.
+    from fedtower.strategies.client_dp import optimizer_over_dp_mean
+
+    wrapper = wrap_client_level_dp(fedavg(), **settings())
+    wrapper.__class__ = RecordingWrapper
+    eta, beta_1, beta_2, tau = 0.01, 0.9, 0.999, 1e-8
+    strategy = optimizer_over_dp_mean("fedadam", wrapper, eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau,
+                                      min_train_nodes=1, min_available_nodes=1)  # fmt: skip
+    global_arrays = tower(0.0)
+    sent = {1: moved(global_arrays, {(KEYS[0], (0, 0)): 1e6}), 2: moved(global_arrays, {(KEYS[0], (1, 1)): 0.5})}
+
+    # Execute
+    stepped, _ = train_round(strategy, 1, global_arrays, sent)
+
+    # Assert: the step is Adam's first step computed by hand from the released (noisy) mean d:
+    # m = (1 - b1) d, v = (1 - b2) d^2, x + eta * sqrt(1 - b2^2) / (1 - b1^2) * m / (sqrt(v) + tau).
+    released = wrapper.released[0]
+    for key in KEYS:
+        d = released[key].numpy().astype(np.float64) - global_arrays[key].numpy()
+        m, v = (1 - beta_1) * d, (1 - beta_2) * d**2
+        eta_norm = eta * np.sqrt(1 - beta_2**2) / (1 - beta_1**2)
+        np.testing.assert_allclose(stepped[key].numpy(), global_arrays[key].numpy() + eta_norm * m / (np.sqrt(v) + tau),
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
+    # The huge update was clipped before the noise: the release is within clip/2 of the mean plus noise
+    # of std 1 * 1 / 2 (10 standard deviations is far beyond chance).
+    assert abs(released[KEYS[0]].numpy()[0, 0]) < 0.5 + 10 * 0.5
+    # Epsilon is the wrapper's own after one round: the optimizer adds nothing to it.
+    assert client_dp_epsilon(strategy) == pytest.approx(GOLDEN_EPSILON[1], rel=1e-6)
+    assert accountant_state(strategy) == accountant_state(wrapper)
+
+
+def test_a_server_optimizer_over_the_dp_mean_is_only_fedadam_or_fedyogi():
+    from fedtower.strategies.client_dp import optimizer_over_dp_mean
+
+    with pytest.raises(ValueError, match="Only fedadam, fedyogi can step from a client-level DP mean"):
+        optimizer_over_dp_mean("fedavgm", fedavg())
+
+
+def test_the_calibrated_noise_reaches_the_golden_epsilons():
+    # Prepare / Execute: the noise multiplier for each golden epsilon over its number of rounds.
+    from fedtower.strategies.client_dp import calibrated_noise_multiplier
+
+    for rounds, epsilon in GOLDEN_EPSILON.items():
+        noise = calibrated_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, rounds=rounds,
+                                            population_size=10, num_sampled_clients=2)  # fmt: skip
+        # Assert: noise multiplier 1 (to the bisection's 0.1%), never below it.
+        assert 1.0 <= noise <= 1.001
+    # A budget that needs more noise than the first guess doubles its way there: 20 rounds at epsilon 1.
+    noise = calibrated_noise_multiplier(target_epsilon=1.0, target_delta=DELTA, rounds=20, population_size=10,
+                                        num_sampled_clients=2)  # fmt: skip
+    strategy = wrap_client_level_dp(fedavg(), **settings(noise_multiplier=noise))
+    global_arrays = tower(0.0)
+    for server_round in range(1, 21):
+        train_round(strategy, server_round, global_arrays, {1: tower(0.1), 2: tower(0.2)})
+    assert 0.998 <= client_dp_epsilon(strategy) <= 1.0

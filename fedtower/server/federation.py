@@ -34,8 +34,10 @@ from fedtower.privacy.spectral import content_block
 from fedtower.server.report import plot_metrics, reference_table, summary_table
 from fedtower.server.run_dir import RunDirectory
 from fedtower.strategies.client_dp import (
+    SERVER_OPTIMIZERS_OVER_DP,
     accountant_state,
     client_dp_epsilon,
+    optimizer_over_dp_mean,
     restore_accountant_state,
     wrap_client_level_dp,
 )
@@ -46,6 +48,7 @@ from fedtower.strategies.item_tower import (
     arrays_digest,
     build_inner_strategy,
     restore_strategy_state,
+    strategy_arguments,
     strategy_state,
 )
 from fedtower.strategies.secure_dp import SecureDPStep
@@ -76,23 +79,28 @@ def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def client_level_dp(grid: Grid, settings: RunSettings, inner):
-    """Flower's client-level DP wrapper around FedAvg: every client is sampled every round."""
-    if settings.fraction_train != 1.0:
-        raise ValueError(
-            "client-dp needs fraction-train = 1.0: Flower's accountant claims no amplification by sampling "
-            "and its wrapper expects the same number of clients every round."
-        )
+    """Flower's client-level DP wrapper around FedAvg, sampling a fixed number of clients each round (Flower's
+    FedAvg sample size: the connected nodes times fraction-train, at least min-train-nodes). With FedAdam or
+    FedYogi as the strategy, the server optimizer steps from the wrapper's noisy mean (post-processing)."""
     population = client_population(grid, settings)
-    return wrap_client_level_dp(
-        inner,
+    sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)
+    mean = inner
+    if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
+        mean = build_inner_strategy("fedavg", **asdict(settings))
+    wrapper = wrap_client_level_dp(
+        mean,
         mode=settings.client_dp,
         noise_multiplier=settings.client_dp_noise,
         clipping_norm=settings.client_dp_clip,
-        num_sampled_clients=population,
+        num_sampled_clients=sampled,
         target_delta=client_level_delta(settings, population),
         population_size=population,
         max_epsilon=settings.max_epsilon or None,
     )
+    if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
+        return optimizer_over_dp_mean(settings.strategy, wrapper,
+                                      **strategy_arguments(settings.strategy, **asdict(settings)))  # fmt: skip
+    return wrapper
 
 
 def secure_dp_step(settings: RunSettings) -> SecureDPStep:
@@ -202,6 +210,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     optimizer_strategy = inner  # holds the server-optimizer state worth checkpointing
     if settings.client_dp != "off":
         inner = client_level_dp(grid, settings, inner)
+        if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
+            optimizer_strategy = inner  # its moments are the state to checkpoint
     if settings.secure_aggregation:
         inner = optimizer_strategy = secure_dp_step(settings)
     if settings.spectral:

@@ -47,13 +47,16 @@ import math
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedYogi,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_stdv
 
 from fedtower.privacy.secure_random import DPRandom
@@ -144,8 +147,57 @@ def wrap_client_level_dp(
                           accountant=RdpAccountant(config))  # fmt: skip
 
 
+class _ReleasedMean(FedOpt):
+    """Takes the place of FedAvg's mean inside Flower's FedAdam or FedYogi: the mean their update starts from
+    is the DP wrapper's noisy release. Everything the optimizer computes after it (moments, step) is a
+    function of DP releases only, i.e. post-processing, so the accountant's epsilon stays exact. (Putting
+    the optimizer inside the wrapper would not do: the wrapper adds its noise to the optimizer's output,
+    whose sensitivity to one client is not the mean's clip / n.)"""
+
+    released_mean: Strategy
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
+        return self.released_mean.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.released_mean.aggregate_train(server_round, replies)
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("  ... applied to the noisy mean of:")
+        self.released_mean.summary()
+
+
+class FedAdamOverDPMean(FedAdam, _ReleasedMean):
+    """Flower's FedAdam applied to a client-level DP mean (post-processing)."""
+
+
+class FedYogiOverDPMean(FedYogi, _ReleasedMean):
+    """Flower's FedYogi applied to a client-level DP mean (post-processing)."""
+
+
+SERVER_OPTIMIZERS_OVER_DP = {"fedadam": FedAdamOverDPMean, "fedyogi": FedYogiOverDPMean}
+
+
+def optimizer_over_dp_mean(name: str, released_mean: Strategy, **arguments) -> FedOpt:
+    """Flower's FedAdam or FedYogi (built with `arguments`) stepping from `released_mean`'s noisy average."""
+    if name not in SERVER_OPTIMIZERS_OVER_DP:
+        raise ValueError(f"Only {', '.join(SERVER_OPTIMIZERS_OVER_DP)} can step from a client-level DP mean, "
+                         f"got {name!r}.")  # fmt: skip
+    optimizer = SERVER_OPTIMIZERS_OVER_DP[name](**arguments)
+    optimizer.released_mean = released_mean
+    return optimizer
+
+
+def dp_wrapper_of(strategy: Strategy) -> Strategy:
+    """The Flower DP wrapper inside `strategy` (itself, or the mean a server optimizer steps from)."""
+    return getattr(strategy, "released_mean", strategy)
+
+
 def client_dp_epsilon(strategy: Strategy) -> float | None:
     """Epsilon spent so far (at the configured target delta) by Flower's accountant; None without client-level DP."""
+    strategy = dp_wrapper_of(strategy)
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         return None
     return strategy.privacy_spent().epsilon
@@ -153,6 +205,7 @@ def client_dp_epsilon(strategy: Strategy) -> float | None:
 
 def accountant_state(strategy: Strategy) -> dict | None:
     """The accountant's JSON-serialisable state, to checkpoint with the item tower; None without client-level DP."""
+    strategy = dp_wrapper_of(strategy)
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         return None
     return strategy.accountant.state_dict()
@@ -160,9 +213,36 @@ def accountant_state(strategy: Strategy) -> dict | None:
 
 def restore_accountant_state(strategy: Strategy, state: dict) -> None:
     """Continue the accountant of a resumed run, so epsilon keeps composing instead of restarting at 0."""
+    strategy = dp_wrapper_of(strategy)
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         raise ValueError("Cannot restore a privacy accountant: this strategy does not use client-level DP.")
     strategy.accountant.load_state_dict(state)
+
+
+def calibrated_noise_multiplier(*, target_epsilon: float, target_delta: float, rounds: int,
+                                population_size: int, num_sampled_clients: int) -> float:
+    """The smallest noise multiplier (to 0.1%) whose `rounds` releases Flower's accountant puts at or below
+    `target_epsilon` at `target_delta`: what a planned client-level DP run needs. Bisection over the same
+    accountant the run will report from, so the plan and the report cannot disagree."""
+    if not _positive(target_epsilon) or not _whole(rounds) or rounds < 1:
+        raise ValueError(f"target_epsilon must be positive and rounds at least 1, got {target_epsilon!r}, {rounds!r}.")
+    config = PrivacyConfig(target_delta=target_delta, population_size=population_size,
+                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                           sampling_method=SamplingMethod.NO_AMPLIFICATION)  # fmt: skip
+
+    def epsilon(noise: float) -> float:
+        accountant = RdpAccountant(config)
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=num_sampled_clients,
+                                                population_size=population_size), count=rounds)  # fmt: skip
+        return accountant.get_epsilon(target_delta)
+
+    low, high = 0.05, 1.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, high * 2
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if epsilon(middle) > target_epsilon else (low, middle)
+    return high
 
 
 def _check_settings(inner, noise_multiplier, clipping_norm, num_sampled_clients, target_delta,

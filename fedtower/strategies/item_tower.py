@@ -43,39 +43,39 @@ ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype)
 RoundCallback = Callable[[int, ArrayRecord, dict], None]
 
 
-def build_inner_strategy(name: str, **settings) -> FedAvg:
-    """One of Flower's strategies by run-config name, with fedtower's sampling settings."""
-    common = {
+def strategy_arguments(name: str, **settings) -> dict:
+    """The arguments fedtower gives Flower's strategy `name`: sampling, then the strategy's own settings."""
+    arguments = {
         "fraction_train": settings.get("fraction_train", 1.0),
         "fraction_evaluate": settings.get("fraction_evaluate", 1.0),
         "min_train_nodes": settings.get("min_train_nodes", 1),
         "min_evaluate_nodes": settings.get("min_evaluate_nodes", 1),
         "min_available_nodes": settings.get("min_available_nodes", 1),
     }
-    if name == "fedavg":
-        return FedAvg(**common)
-    adaptive = {
-        "eta": settings.get("server_lr", 0.05),
-        "beta_1": settings.get("server_beta_1", 0.9),
-        "beta_2": settings.get("server_beta_2", 0.99),
-        "tau": settings.get("server_tau", 1e-3),
-    }
-    if name == "fedadam":
-        return FedAdam(**common, **adaptive)
-    if name == "fedyogi":
-        return FedYogi(**common, **adaptive)
-    if name == "fedavgm":
-        return FedAvgM(**common, server_momentum=settings.get("server_momentum", 0.9))
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=settings.get("trim_beta", 0.2))
-    if name == "fedmedian":
-        return FedMedian(**common)
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=settings.get("krum_byzantine", 1))
-    raise ValueError(
-        f"Unknown strategy {name!r}; choose one of fedavg, fedadam, fedyogi, fedavgm, "
-        "fedtrimmedavg, fedmedian, krum."
-    )
+    if name in ("fedadam", "fedyogi"):
+        arguments.update(eta=settings.get("server_lr", 0.05), beta_1=settings.get("server_beta_1", 0.9),
+                         beta_2=settings.get("server_beta_2", 0.99), tau=settings.get("server_tau", 1e-3))  # fmt: skip
+    elif name == "fedavgm":
+        arguments.update(server_momentum=settings.get("server_momentum", 0.9))
+    elif name == "fedtrimmedavg":
+        arguments.update(beta=settings.get("trim_beta", 0.2))
+    elif name == "krum":
+        arguments.update(num_malicious_nodes=settings.get("krum_byzantine", 1))
+    return arguments
+
+
+STRATEGY_CLASSES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "fedavgm": FedAvgM,
+                    "fedtrimmedavg": FedTrimmedAvg, "fedmedian": FedMedian, "krum": Krum}  # fmt: skip
+
+
+def build_inner_strategy(name: str, **settings) -> FedAvg:
+    """One of Flower's strategies by run-config name, with fedtower's sampling settings."""
+    if name not in STRATEGY_CLASSES:
+        raise ValueError(
+            f"Unknown strategy {name!r}; choose one of fedavg, fedadam, fedyogi, fedavgm, "
+            "fedtrimmedavg, fedmedian, krum."
+        )
+    return STRATEGY_CLASSES[name](**strategy_arguments(name, **settings))
 
 
 def arrays_digest(arrays: ArrayRecord) -> str:
