@@ -61,7 +61,7 @@ def fedavg() -> FedAvg:
 
 def settings(**overrides):
     return {"mode": "server-side", "noise_multiplier": 1.0, "clipping_norm": 1.0, "num_sampled_clients": 2,
-            "target_delta": DELTA, "population_size": 10, **overrides}  # fmt: skip
+            "target_delta": DELTA, "population_size": 2, **overrides}  # fmt: skip
 
 
 def tower(value: float) -> ArrayRecord:
@@ -235,14 +235,15 @@ def test_server_side_clips_each_update_to_the_norm_before_averaging():
     np.testing.assert_allclose(arrays[KEYS[1]].numpy(), expected_bias, atol=1e-6)
 
 
-def test_noise_has_the_documented_standard_deviation():
+@pytest.mark.parametrize("population", [4, 10], ids=["everyone", "a-fixed-sample"])
+def test_noise_has_the_documented_standard_deviation(population):
     # Prepare: 4 clients move every value of a 10,000-value tower by 0.001 (norm 0.1, not clipped), so
     # aggregate minus 0.001 is the noise alone, with std noise_multiplier * clipping_norm /
-    # num_sampled_clients = 2 * 0.5 / 4 = 0.25.
+    # num_sampled_clients = 2 * 0.5 / 4 = 0.25, whether the 4 are everyone or a sample of 10.
     start = ArrayRecord({"w": Array(np.zeros((100, 100), dtype=np.float32))})
     step = ArrayRecord({"w": Array(np.full((100, 100), 0.001, dtype=np.float32))})
     strategy = wrap_client_level_dp(fedavg(), **settings(noise_multiplier=2.0, clipping_norm=0.5,
-                                                         num_sampled_clients=4))  # fmt: skip
+                                                         num_sampled_clients=4, population_size=population))
     np.random.seed(2024)
     # Execute
     arrays, _ = train_round(strategy, 1, start, dict.fromkeys((1, 2, 3, 4), step))
@@ -388,3 +389,24 @@ def test_the_calibrated_noise_reaches_the_golden_epsilons():
     for server_round in range(1, 21):
         train_round(strategy, server_round, global_arrays, {1: tower(0.1), 2: tower(0.2)})
     assert 0.998 <= client_dp_epsilon(strategy) <= 1.0
+
+
+def test_a_partial_sample_is_accounted_at_twice_the_sensitivity_with_the_same_noise():
+    # Prepare: noise multiplier 2 over 2 of 10 clients (a fixed-size sample of part of the population),
+    # and the same over all 10.
+    partial = wrap_client_level_dp(fedavg(), **settings(noise_multiplier=2.0, num_sampled_clients=2,
+                                                        population_size=10))  # fmt: skip
+    full = wrap_client_level_dp(fedavg(), **settings(noise_multiplier=2.0, num_sampled_clients=10,
+                                                     population_size=10))  # fmt: skip
+    global_arrays = tower(0.0)
+
+    # Execute: one round each.
+    train_round(partial, 1, global_arrays, {1: tower(0.1), 2: tower(0.2)})
+    train_round(full, 1, global_arrays, {n: tower(0.1) for n in range(1, 11)})
+
+    # Assert: the partial sample's accountant sees multiplier 1 (sensitivity 2 x clip), so it reports the
+    # golden epsilon of multiplier 1; the full one sees 2. Both add noise of 2 x clip / n.
+    assert client_dp_epsilon(partial) == pytest.approx(GOLDEN_EPSILON[1], rel=1e-6)
+    assert client_dp_epsilon(full) < GOLDEN_EPSILON[1] / 2
+    assert partial.noise_multiplier * partial.sensitivity_factor == 2.0
+    assert full.noise_multiplier * full.sensitivity_factor == 2.0

@@ -259,3 +259,26 @@ def test_a_subset_leaves_out_users_without_a_counted_event_and_sorts_the_rest():
     # Assert
     assert "u3" not in whole.users and cut.users == ["u1", "u2"]
     assert cut.train.items_of(0).tolist() == [0] and cut.test.items_of(0).tolist() == [2]  # u1: a, then c
+
+
+def test_a_simulated_node_reads_its_users_from_one_assignment_per_process():
+    # Prepare: one user per client over a synthetic dataset, through the node's own loader.
+    from fedtower.client import local
+    from fedtower.config import RunSettings
+    from fedtower.data.partition import PartitionConfig, users_of_partition
+    from fedtower.data.sources import resolve_dataset
+
+    spec = "synthetic:users=120,items=40,seed=2"
+    settings = RunSettings(data=spec, partitioning="users")
+    dataset = resolve_dataset(spec)[0]
+    config = PartitionConfig(scheme="users", num_partitions=0)
+    local._partition_maps.clear()
+
+    # Execute: three nodes load their data.
+    loaded = [local.load_node_data(settings, {"partition-id": p, "num-partitions": 0}) for p in (0, 57, 119)]
+
+    # Assert: one assignment was computed and kept, and every node holds exactly the users the
+    # uncached assignment gives its partition.
+    assert len(local._partition_maps) == 1
+    for node, p in zip(loaded, (0, 57, 119), strict=True):
+        assert node.users == users_of_partition(dataset, config, p)

@@ -269,9 +269,10 @@ def users_of_partition(
     partition_id: int,
     *,
     weights: BehaviourWeights | None = None,
+    assignment: dict[int, list[str]] | None = None,
 ) -> list[str]:
-    """The users of one partition (sorted by id)."""
-    partitions = partition_users(dataset, config, weights)
+    """The users of one partition (sorted by id); `assignment` is `partition_users`' answer, if held."""
+    partitions = assignment if assignment is not None else partition_users(dataset, config, weights)
     if isinstance(partition_id, bool) or not isinstance(partition_id, (int, np.integer)):
         raise ValueError(f"partition_id must be a whole number, but it is {partition_id!r}.")
     if not 0 <= partition_id < len(partitions):

@@ -31,6 +31,18 @@ the sample is neither Poisson nor secret; and Flower's fixed-clipping
 accountant accepts only `SamplingMethod.NO_AMPLIFICATION`. Each round is
 therefore accounted as a full Gaussian mechanism over the whole population.
 
+A sample of part of the population (fraction-train below 1). Its size is fixed,
+so adding or removing one person can change who else is sampled: the rounds of
+two neighbouring federations can then differ by one client's update replaced
+by another's, which moves the sum by up to 2 x `clipping_norm`. By the joint
+quasi-convexity of Renyi divergence (over the coupled samples) a round is then
+no worse than a Gaussian mechanism of sensitivity 2 x clip. The accountant is
+told noise_multiplier / 2 and the noise stays noise_multiplier x clip / n.
+With every client sampled (fraction-train 1.0) the sensitivity is the clip.
+
+A server optimizer (FedAdam, FedYogi) steps from the noisy mean, never inside
+the wrapper (`optimizer_over_dp_mean`): what it computes is post-processing.
+
 Equal weights. FedAvg weights each reply by its `num-examples`; unequal
 weights would let one client move the mean by more than
 `clipping_norm / n` and would leak dataset sizes. fedtower's clients send
@@ -76,7 +88,9 @@ class SecureNoise:
     """
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        # The accountant's noise multiplier is relative to the sensitivity; the noise is relative to the clip.
+        factor = getattr(self, "sensitivity_factor", 1.0)
+        std = compute_stdv(self.noise_multiplier * factor, self.clipping_norm, self.num_sampled_clients)
         randomness = DPRandom()
         noisy = {}
         for key, array in aggregated_arrays.items():
@@ -143,8 +157,14 @@ def wrap_client_level_dp(
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
         max_epsilon=max_epsilon,
     )
-    return WRAPPERS[mode](inner, noise_multiplier, clipping_norm, num_sampled_clients,
-                          accountant=RdpAccountant(config))  # fmt: skip
+    # A sample of some of the population is fixed in size: one person more or fewer can change who else is
+    # sampled, so neighbouring rounds may differ by one client's update replaced by another's. That
+    # substitution moves the sum by up to 2 x clip, and the accountant is told the noise relative to it.
+    factor = 1.0 if num_sampled_clients == population_size else 2.0
+    wrapper = WRAPPERS[mode](inner, noise_multiplier / factor, clipping_norm, num_sampled_clients,
+                             accountant=RdpAccountant(config))  # fmt: skip
+    wrapper.sensitivity_factor = factor
+    return wrapper
 
 
 class _ReleasedMean(FedOpt):
