@@ -167,6 +167,29 @@ def test_only_a_simulations_own_state_skips_fsync(run_config, tmp_path):
     assert open_state(settings, site).durable is True
 
 
+class ArrivingNodes:
+    """A grid whose nodes connect one more at each look, as Flower's simulated nodes register."""
+
+    def __init__(self):
+        self.looks = 0
+
+    def get_node_ids(self):
+        self.looks += 1
+        return list(range(self.looks))
+
+
+def test_the_federation_waits_for_every_node_before_sizing_its_first_round():
+    from fedtower.server.federation import wait_for_nodes
+
+    # Execute / Assert: 4 nodes are there at the 4th look.
+    grid = ArrivingNodes()
+    wait_for_nodes(grid, 4, timeout=5.0, poll=0.001)
+    assert grid.looks == 4
+    # ... and a count that never arrives ends in an error that says what was missing.
+    with pytest.raises(RuntimeError, match=r"Only \d+ of the 10\^6 nodes|Only \d+ of the 1000000 nodes"):
+        wait_for_nodes(ArrivingNodes(), 1_000_000, timeout=0.05, poll=0.001)
+
+
 def test_the_simulation_grid_polls_for_replies_every_10_ms_and_other_grids_are_left_alone():
     # Prepare: Flower's own in-memory grid, as run_simulation builds it.
     import sys

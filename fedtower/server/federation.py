@@ -178,6 +178,18 @@ def restore_client_dp_accountant(strategy, extra: dict, *, round_: int, where) -
     restore_accountant_state(strategy, extra["client_dp_accountant"])
 
 
+def wait_for_nodes(grid: Grid, count: int, *, timeout: float, poll: float = 1.0) -> None:
+    """Wait until `count` nodes are connected. Flower's strategies wait too, but only after sizing their
+    sample from the nodes connected at that moment."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Only {connected} of the {count} nodes (min-available-nodes) connected within "
+                               f"{timeout:.0f} s (round-timeout).")  # fmt: skip
+        log.info("Waiting for nodes: %d of %d connected.", connected, count)
+        time.sleep(poll)
+
+
 SIMULATION_PULL_INTERVAL = 0.01  # seconds between the simulation grid's polls for replies
 
 
@@ -204,6 +216,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     run_dir.write_config(settings.to_run_config())
     log.info("Run directory: %s", run_dir.path)
 
+    wait_for_nodes(grid, settings.min_available_nodes, timeout=settings.round_timeout)
     arrays = initial_item_tower(settings)
     expected = array_spec(arrays)
     inner = build_inner_strategy(settings.strategy, **asdict(settings))

@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -97,6 +98,10 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
         sizes = [len(users) for users in partition_users(
             cached_dataset(settings.data), partition_config(settings, partitions)).values()]  # fmt: skip
         log.info("Partitioned users into %d sites (sizes %d..%d).", partitions, min(sizes), max(sizes))
+    # Flower's simulation starts the ServerApp while its virtual nodes are still registering (1,255 of 20,000
+    # at the first round): wait for every one, so the first round samples from the whole population and
+    # client-level DP counts it right.
+    settings = replace(settings, min_available_nodes=max(settings.min_available_nodes, partitions))
     run_config = settings.to_run_config()
     results: list = []
     backend_config = {
