@@ -5,11 +5,13 @@
         --run-config "num-server-rounds=5"
 
 One user per client. Runs the federation (Flower's simulation engine) from a preset without DP, then
-with client-level DP (`client-dp`, Flower's wrapper with fedtower's secure noise) at each target epsilon:
-the noise multiplier is calibrated with Flower's own RDP accountant for the planned rounds, at delta =
-1 / (10 N) for N clients unless `--delta` says otherwise. Same data, model, strategy and rounds. Prints a
-table and one JSON object as the last line: the twin's and popularity's NDCG@20 and, per epsilon, ndcg@20,
-recall@20, ratio to the twin, the noise multiplier and the epsilon Flower's accountant reports spent.
+with client-level DP at each target epsilon, at delta = 1 / (10 N) for N clients unless `--delta` says
+otherwise. `--mode poisson` (the default): secret Poisson sampling at rate fraction-train, noise calibrated
+with fedtower's RDP accountant (amplification by sampling); `server-side` / `client-side`: Flower's
+wrappers over a fixed sample, calibrated with Flower's accountant (no amplification). Same data, model,
+strategy and rounds. Prints a table and one JSON object as the last line: the twin's and popularity's
+NDCG@20 and, per epsilon, ndcg@20, recall@20, ratio to the twin, the noise multiplier and the epsilon the
+run's accountant reports spent.
 
 Evaluation: the simulated clients opt in to exact evaluation sums (node config allow-raw-evaluation), as
 whoever runs a simulation holds every client's data; deployed clients under client-level DP withhold it.
@@ -28,6 +30,7 @@ from fedtower.central import popularity_baseline
 from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
 from fedtower.data.sources import resolve_dataset
+from fedtower.privacy.accounting import noise_multiplier_for
 from fedtower.server.report import plot_privacy_curve
 from fedtower.simulations.presets import load_preset, parse_overrides
 from fedtower.simulations.runner import simulate
@@ -44,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-config", default="", help="run-config overrides on top of the preset")
     parser.add_argument("--epsilon", type=float, nargs="+", default=[8.0])
     parser.add_argument("--delta", type=float, default=0.0, help="0: 1 / (10 N)")
-    parser.add_argument("--mode", choices=("server-side", "client-side"), default="server-side")
+    parser.add_argument("--mode", choices=("poisson", "server-side", "client-side"), default="poisson",
+                        help="poisson: secret Poisson sampling at rate fraction-train, accounted with amplification "
+                             "(fedtower's accountant); server-side / client-side: Flower's wrappers over a fixed "
+                             "sample, no amplification")  # fmt: skip
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--plot", default=None, help="PNG of quality against epsilon (default: in --out)")
     return parser.parse_args(argv)
@@ -75,6 +81,19 @@ def federated(base: dict, name: str, out: str, **extra) -> dict:
             "seconds_per_round": (time.perf_counter() - started) / max(len(trained), 1)}  # fmt: skip
 
 
+def noise_for(mode: str, epsilon: float, delta: float, settings: RunSettings, population: int, sampled: int) -> float:
+    """The client-dp-noise that makes the planned rounds spend `epsilon` at `delta`."""
+    if mode == "poisson":  # one sampled Gaussian step per round at rate fraction-train (fedtower's accountant)
+        return noise_multiplier_for(target_epsilon=epsilon, target_delta=delta, sample_rate=settings.fraction_train,
+                                    steps=settings.num_server_rounds)  # fmt: skip
+    accounted = calibrated_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                            rounds=settings.num_server_rounds, population_size=population,
+                                            num_sampled_clients=sampled)  # fmt: skip
+    # The run's noise is relative to the clip; a fixed sample of part of the population is accounted at twice
+    # the clip (fedtower.strategies.client_dp), so it needs twice the multiplier.
+    return accounted * (1.0 if sampled == population else 2.0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -84,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset, _ = resolve_dataset(settings.data)
     split = prepare_split(dataset)
     population = len(split.users)
-    sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)
+    sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)  # expected, under poisson
     delta = args.delta or 1.0 / (10 * population)
     popularity = popularity_baseline(split).finalize()["ndcg@20"]
     print(f"{population} one-user clients, {sampled} a round, {settings.num_server_rounds} rounds; "
@@ -93,12 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"non-private twin: ndcg@20 {twin['ndcg@20']:.4f} ({twin['seconds']:.0f} s)", file=sys.stderr)
     curve = []
     for epsilon in args.epsilon:
-        accounted = calibrated_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                                rounds=settings.num_server_rounds, population_size=population,
-                                                num_sampled_clients=sampled)  # fmt: skip
-        # The run's noise is relative to the clip; a fixed sample of part of the population is accounted at
-        # twice the clip (fedtower.strategies.client_dp), so it needs twice the multiplier.
-        noise = accounted * (1.0 if sampled == population else 2.0)
+        noise = noise_for(args.mode, epsilon, delta, settings, population, sampled)
         point = federated(base, f"eps-{epsilon:g}", out, **{"client-dp": args.mode, "client-dp-noise": noise,
                                                              "target-delta": delta})  # fmt: skip
         point.update({"target_epsilon": epsilon, "noise_multiplier": noise, "delta": delta,
@@ -116,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot = plot_privacy_curve(curve, args.plot or f"{out}/client_dp_curve.png", references={
         "popularity, same split": {"ndcg@20": popularity},
         "non-private federation": {k: twin[k] for k in ("ndcg@20", "recall@20")}})  # fmt: skip
-    result = {"preset": args.preset, "data": settings.data, "clients": population, "sampled_per_round": sampled,
+    result = {"preset": args.preset, "mode": args.mode, "data": settings.data, "clients": population,
+              "sampled_per_round": sampled,
               "rounds": settings.num_server_rounds, "strategy": settings.strategy, "delta": delta,
               "popularity_ndcg@20": popularity, "non_private": twin, "curve": curve, "plot": str(plot),
               "out": out}  # fmt: skip

@@ -19,7 +19,7 @@ PRIVACY_UNITS = ("user", "interaction")
 EMBEDDING_PATHS = ("sparse", "opacus")
 EXACT_TABLE_OPTIMIZERS = ("sgd",)  # lazily drawn noise matches dense DP-SGD only for these
 OPACUS_TABLE_OPTIMIZERS = ("sgd", "adam")
-CLIENT_DP_MODES = ("off", "server-side", "client-side")
+CLIENT_DP_MODES = ("off", "server-side", "client-side", "poisson")
 # How a DP run builds the item tower: "sgd" (DP-SGD rounds) or "spectral" (three Gaussian releases of
 # bounded per-user statistics and a tower built from them, fedtower.privacy.spectral).
 DP_MECHANISMS = ("sgd", "spectral")
@@ -129,7 +129,8 @@ class RunSettings:
     # How sites send their trained item tower: fp32 as is, or the round's delta in fp16, or int8 with
     # per-row scales and stochastic rounding (fedtower.compression; under DP applied after the noise).
     update_compression: str = "fp32"
-    # Client-level DP for one-user clients (Flower's wrappers): off | server-side | client-side.
+    # Client-level DP for one-user clients: off | server-side | client-side (Flower's wrappers, a fixed sample,
+    # no amplification) | poisson (secret Poisson sampling at rate fraction-train, fedtower's RDP accountant).
     client_dp: str = "off"
     client_dp_noise: float = 1.0  # client-level DP noise multiplier
     client_dp_clip: float = 1.0  # client-level DP clipping norm of an update
@@ -195,6 +196,12 @@ class RunSettings:
                                  "secure-aggregation; it does not combine with client-dp.")  # fmt: skip
         if self.client_dp not in CLIENT_DP_MODES:
             raise ValueError(f"client-dp must be one of {CLIENT_DP_MODES}, got {self.client_dp!r}.")
+        if self.client_dp != "off" and self.strategy not in ("fedavg", "fedadam", "fedyogi"):
+            raise ValueError(f"client-dp needs strategy fedavg, or fedadam / fedyogi stepping from the DP mean; got "
+                             f"{self.strategy!r}, whose aggregation changes what one client can move.")  # fmt: skip
+        if self.client_dp == "poisson" and not self.fraction_train > 0:
+            raise ValueError("client-dp = \"poisson\" samples each client with probability fraction-train: set it "
+                             "above 0.")  # fmt: skip
         for name in ("noise_multiplier", "target_epsilon", "target_delta", "max_epsilon"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{_kebab(name)} must be 0 (off) or positive, got {getattr(self, name)}.")

@@ -53,3 +53,38 @@ def test_a_toy_cross_device_run_reports_its_curve(tmp_path):
     assert sorted(result["curve"]) == ["2", "4"]
     assert result["curve"]["4"] == pytest.approx(result["ndcg@20"])
     assert result["ratio"] == pytest.approx(result["ndcg@20"] / result["central_ndcg@20"])
+
+
+@pytest.mark.slow
+@pytest.mark.simulation
+@pytest.mark.parametrize("mode", ["server-side", "poisson"])
+def test_the_client_dp_benchmark_spends_the_target_epsilon(tmp_path, mode):
+    # Execute: 40 one-user clients, half of them a round (a fixed sample, or a Poisson one at rate 0.5),
+    # 2 rounds, epsilon 8.
+    preset = tmp_path / "toy.toml"
+    preset.write_text('data = "synthetic:users=40,items=30,seed=1"\npartitioning = "users"\nfraction-train = 0.5\n'
+                      'num-server-rounds = 2\nlocal-epochs = 1\ndim = 8\n')
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_client_dp.py"), "--preset", str(preset),
+                           "--epsilon", "8", "--mode", mode, "--out", str(tmp_path / "runs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    # Assert: the accountant reports at most the target and within the calibration's tolerance of it; delta
+    # is 1/(10 N). On a fixed sample the noise is twice the accounted multiplier (sensitivity 2 x clip); under
+    # Poisson sampling it is the amplified calibration of fedtower's accountant.
+    from fedtower.privacy.accounting import noise_multiplier_for
+    from fedtower.strategies.client_dp import calibrated_noise_multiplier
+
+    point = result["curve"][0]
+    assert (result["clients"], result["sampled_per_round"], result["delta"]) == (40, 20, pytest.approx(1 / 400))
+    assert 7.9 <= point["epsilon_spent"] <= 8.0
+    if mode == "server-side":
+        accounted = calibrated_noise_multiplier(target_epsilon=8.0, target_delta=1 / 400, rounds=2,
+                                                population_size=40, num_sampled_clients=20)  # fmt: skip
+        assert point["noise_multiplier"] == pytest.approx(2 * accounted)
+    else:
+        expected = noise_multiplier_for(target_epsilon=8.0, target_delta=1 / 400, sample_rate=0.5, steps=2)
+        assert point["noise_multiplier"] == pytest.approx(expected)
+    assert point["ratio"] == pytest.approx(point["ndcg@20"] / result["non_private"]["ndcg@20"])
+    assert point["rounds_completed"] == 2

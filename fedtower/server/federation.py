@@ -51,6 +51,7 @@ from fedtower.strategies.item_tower import (
     strategy_arguments,
     strategy_state,
 )
+from fedtower.strategies.poisson_client_dp import PoissonClientDP
 from fedtower.strategies.secure_dp import SecureDPStep
 from fedtower.strategies.spectral import SecureSpectralTower, SpectralBuilder, SpectralItemTower
 
@@ -78,11 +79,27 @@ def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
 
 
-def client_level_dp(grid: Grid, settings: RunSettings, inner):
+def client_level_dp(grid: Grid, settings: RunSettings, inner, expected_arrays: dict):
     """Flower's client-level DP wrapper around FedAvg, sampling a fixed number of clients each round (Flower's
     FedAvg sample size: the connected nodes times fraction-train, at least min-train-nodes). With FedAdam or
     FedYogi as the strategy, the server optimizer steps from the wrapper's noisy mean (post-processing)."""
     population = client_population(grid, settings)
+    if settings.client_dp == "poisson":
+        mean = PoissonClientDP(
+            sample_rate=settings.fraction_train, noise_multiplier=settings.client_dp_noise,
+            clipping_norm=settings.client_dp_clip, population_size=population,
+            target_delta=client_level_delta(settings, population), expected_arrays=expected_arrays,
+            max_epsilon=settings.max_epsilon or None, fraction_evaluate=settings.fraction_evaluate,
+            min_evaluate_nodes=settings.min_evaluate_nodes, min_available_nodes=settings.min_available_nodes,
+            min_train_nodes=settings.min_train_nodes,
+        )  # fmt: skip
+        if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
+            return optimizer_over_dp_mean(settings.strategy, mean,
+                                          **strategy_arguments(settings.strategy, **asdict(settings)))  # fmt: skip
+        if settings.strategy != "fedavg":
+            raise ValueError(f"client-dp = \"poisson\" averages the updates itself, with fedavg, fedadam or fedyogi "
+                             f"on top; got strategy {settings.strategy!r}.")  # fmt: skip
+        return mean
     sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)
     mean = inner
     if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
@@ -222,7 +239,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     inner = build_inner_strategy(settings.strategy, **asdict(settings))
     optimizer_strategy = inner  # holds the server-optimizer state worth checkpointing
     if settings.client_dp != "off":
-        inner = client_level_dp(grid, settings, inner)
+        inner = client_level_dp(grid, settings, inner, expected)
         if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
             optimizer_strategy = inner  # its moments are the state to checkpoint
     if settings.secure_aggregation:

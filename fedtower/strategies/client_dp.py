@@ -72,10 +72,11 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_stdv
 
 from fedtower.privacy.secure_random import DPRandom
+from fedtower.strategies.poisson_client_dp import PoissonClientDP
 
 log = logging.getLogger("fedtower.server")
 
-CLIENT_DP_MODES = ("off", "server-side", "client-side")
+CLIENT_DP_MODES = ("off", "server-side", "client-side")  # Flower's wrappers; "poisson" is PoissonClientDP
 
 
 class SecureNoise:
@@ -176,6 +177,10 @@ class _ReleasedMean(FedOpt):
 
     released_mean: Strategy
 
+    @property
+    def checks_replies(self) -> bool:
+        return getattr(self.released_mean, "checks_replies", False)
+
     def configure_train(self, server_round, arrays, config, grid):
         self.current_arrays = {key: array.numpy() for key, array in arrays.items()}
         return self.released_mean.configure_train(server_round, arrays, config, grid)
@@ -218,6 +223,8 @@ def dp_wrapper_of(strategy: Strategy) -> Strategy:
 def client_dp_epsilon(strategy: Strategy) -> float | None:
     """Epsilon spent so far (at the configured target delta) by Flower's accountant; None without client-level DP."""
     strategy = dp_wrapper_of(strategy)
+    if isinstance(strategy, PoissonClientDP):
+        return strategy.epsilon()
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         return None
     return strategy.privacy_spent().epsilon
@@ -226,6 +233,8 @@ def client_dp_epsilon(strategy: Strategy) -> float | None:
 def accountant_state(strategy: Strategy) -> dict | None:
     """The accountant's JSON-serialisable state, to checkpoint with the item tower; None without client-level DP."""
     strategy = dp_wrapper_of(strategy)
+    if isinstance(strategy, PoissonClientDP):
+        return strategy.state_dict()
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         return None
     return strategy.accountant.state_dict()
@@ -234,6 +243,9 @@ def accountant_state(strategy: Strategy) -> dict | None:
 def restore_accountant_state(strategy: Strategy, state: dict) -> None:
     """Continue the accountant of a resumed run, so epsilon keeps composing instead of restarting at 0."""
     strategy = dp_wrapper_of(strategy)
+    if isinstance(strategy, PoissonClientDP):
+        strategy.load_state_dict(state)
+        return
     if not isinstance(strategy, DP_WRAPPERS) or strategy.accountant is None:
         raise ValueError("Cannot restore a privacy accountant: this strategy does not use client-level DP.")
     strategy.accountant.load_state_dict(state)
