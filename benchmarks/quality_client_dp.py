@@ -13,8 +13,10 @@ strategy and rounds. Prints a table and one JSON object as the last line: the tw
 NDCG@20 and, per epsilon, ndcg@20, recall@20, ratio to the twin, the noise multiplier and the epsilon the
 run's accountant reports spent.
 
-Evaluation: the simulated clients opt in to exact evaluation sums (node config allow-raw-evaluation), as
-whoever runs a simulation holds every client's data; deployed clients under client-level DP withhold it.
+Evaluation: once, after the last round, by the preset's fraction-evaluate of the clients (a random share,
+drawn per run: at 5,000 users the NDCG@20 standard error is about 0.002). The simulated clients opt in
+to exact evaluation sums (node config allow-raw-evaluation), as whoever runs a simulation holds every
+client's data; deployed clients under client-level DP withhold it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def base_run_config(args) -> dict:
     if values.get("partitioning") != "users":
         raise ValueError("quality_client_dp.py measures one user per client: the preset must have "
                          "partitioning = \"users\".")  # fmt: skip
-    values.update({"fraction-evaluate": 1.0, "eval-every": int(values.get("num-server-rounds", 10))})
+    # One evaluation, after the last round, of the preset's share of the clients (fraction-evaluate).
+    values["eval-every"] = int(values.get("num-server-rounds", 10))
     return values
 
 

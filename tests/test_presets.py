@@ -52,14 +52,18 @@ def test_gpu_preset_is_synthetic_sites_plus_client_resources():
     assert {key: gpu[key] for key in load_preset("synthetic-sites")} == load_preset("synthetic-sites")
 
 
-def test_cross_device_and_movielens_presets_hold_the_agreed_values():
-    cross_device = load_preset("synthetic-cross-device")
+def test_the_cross_device_presets_share_one_recipe_and_movielens_sites_holds_its_values():
+    # The recipe the cross-device benchmarks measured (docs/benchmarks.md, "Cross-device").
+    recipe = {"partitioning": "users", "fraction-train": 0.1, "local-epochs": 1, "local-optimizer": "sgd",
+              "lr": 0.5, "reconstruction-epochs": 2, "reconstruction-lr": 0.006, "strategy": "fedadam",
+              "server-beta-2": 0.999, "server-tau": 1e-8, "keep-item-moments": False}  # fmt: skip
+    synthetic, movielens_users = load_preset("synthetic-cross-device"), load_preset("movielens-cross-device")
     movielens = load_preset("movielens-sites")
 
-    assert cross_device["partitioning"] == "users"
-    assert cross_device["fraction-train"] == 0.1
-    assert cross_device["fraction-evaluate"] == 0.5
-    assert (cross_device["num-server-rounds"], cross_device["eval-every"]) == (20, 5)
+    for preset in (synthetic, movielens_users):
+        assert {key: preset[key] for key in recipe} == recipe
+    assert synthetic["data"] == "synthetic:users=20000,items=2000,seed=0" and synthetic["num-server-rounds"] == 20
+    assert movielens_users["num-server-rounds"] == 80 and movielens_users["server-lr"] == 0.015
     assert movielens["data"] == "../shared/data/ml-latest-small"
     assert (movielens["size-skew"], movielens["taste-skew"]) == (0.0, 0.0)
     assert (movielens["num-server-rounds"], movielens["local-epochs"], movielens["lr"]) == (40, 4, 0.006)
