@@ -32,6 +32,7 @@ import torch
 from fedtower.config import RunSettings
 from fedtower.simulations.in_process import simulate_in_process
 from fedtower.simulations.plain import plain_federation
+from fedtower.simulations.presets import parse_overrides
 from fedtower.simulations.runner import num_partitions, simulate
 
 WARM_UP_ROUNDS = 2
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--skip-users", action="store_true", help="only the 10-site setup")
+    parser.add_argument("--skip-sites", action="store_true", help="only the one-user-client setup")
+    parser.add_argument("--run-config", default="", help="run-config overrides for the one-user clients, e.g. the "
+                        "cross-device recipe of preset movielens-cross-device (the plain loop averages; a server "
+                        "optimizer's step is under 1%% of a round)")  # fmt: skip
     parser.add_argument("--users-fraction", type=float, default=0.1,
                         help="share of one-user clients per round (0.164 = 100 of ml-latest-small's 610)")
     args = parser.parse_args(argv)
@@ -97,10 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"data": args.data, "local-epochs": args.local_epochs, "dim": args.dim}
     out = {"data": args.data, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "load_average_before": os.getloadavg()[0]}  # fmt: skip
-    out["sites_10"] = measure({**common, "partitioning": "sites", "num-sites": 10}, args.rounds)
-    print(json.dumps(out["sites_10"]), file=sys.stderr)
+    if not args.skip_sites:
+        out["sites_10"] = measure({**common, "partitioning": "sites", "num-sites": 10}, args.rounds)
+        print(json.dumps(out["sites_10"]), file=sys.stderr)
     if not args.skip_users:
-        out["users"] = measure({**common, "partitioning": "users", "fraction-train": args.users_fraction}, args.rounds)
+        users = {**common, "partitioning": "users", "fraction-train": args.users_fraction,
+                 **parse_overrides(args.run_config)}  # fmt: skip
+        out["users"] = measure(users, args.rounds)
         print(json.dumps(out["users"]), file=sys.stderr)
     out["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(out))
