@@ -7,10 +7,10 @@ from fedtower.simulations.presets import PRESETS_DIR, list_presets, load_preset,
 KEBAB_CASE = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
-def test_the_six_presets_are_shipped():
+def test_the_seven_presets_are_shipped():
     names = list_presets()
 
-    assert names == ["movielens-sites", "synthetic-cross-device", "synthetic-cross-device-dp", "synthetic-sites",
+    assert names == ["movielens-cross-device", "movielens-sites", "synthetic-cross-device", "synthetic-cross-device-dp", "synthetic-sites",
                      "synthetic-sites-dp", "synthetic-sites-gpu"]
 
 

@@ -18,8 +18,9 @@ was chosen: readers of the released item tower, and other clients (each knows
 only whether it was chosen itself). The coordinator chooses, and sees every
 update before the noise, so nothing here protects against it; that needs
 secure aggregation (fedtower's federation-wide DP mode). For the same reason
-the number of chosen clients is a private quantity: it is neither logged nor
-put into the run's metrics.
+the number of chosen clients is a private quantity: fedtower neither logs it
+nor puts it into the run's metrics (Flower's own log, "Received N results", and
+the round timings in the coordinator's run directory do show it).
 
 What the mechanism keeps to, so that the accountant's epsilon is the truth:
 - the population N is fixed for the run and is every connected node; a round
