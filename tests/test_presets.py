@@ -10,7 +10,8 @@ KEBAB_CASE = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 def test_the_seven_presets_are_shipped():
     names = list_presets()
 
-    assert names == ["movielens-cross-device", "movielens-sites", "synthetic-cross-device", "synthetic-cross-device-dp", "synthetic-sites",
+    assert names == ["movielens-cross-device", "movielens-sites", "synthetic-cross-device", "synthetic-cross-device-dp",
+                     "synthetic-sites",
                      "synthetic-sites-dp", "synthetic-sites-gpu"]
 
 

@@ -166,7 +166,7 @@ def test_run_ends_when_every_client_has_spent_its_budget(tmp_path):
     assert "Privacy" in (run.path / "summary.txt").read_text()
 
 
-@pytest.mark.parametrize("mode", ["server-side", "client-side"])
+@pytest.mark.parametrize("mode", ["server-side", "client-side", "poisson"])
 def test_client_level_dp_runs_with_flowers_wrappers_and_accountant(tmp_path, mode):
     # Prepare: one-user-style clients are simulated by sites here; the wrapper does not care.
     settings = settings_for(tmp_path, mode, **{"num-server-rounds": 2, "client-dp": mode,
@@ -180,3 +180,24 @@ def test_client_level_dp_runs_with_flowers_wrappers_and_accountant(tmp_path, mod
     assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]
     checkpoint = RunDirectory(result["run_dir"], create=False).load_latest_checkpoint()
     assert "client_dp_accountant" in checkpoint.extra
+
+
+def test_a_poisson_client_dp_run_with_fedadam_resumes_its_accountant_and_moments(tmp_path):
+    # Prepare: two rounds of Poisson-sampled client-level DP (rate 0.5) under FedAdam, then a resume to 3.
+    config = {"client-dp": "poisson", "client-dp-noise": 1.0, "client-dp-clip": 0.5, "fraction-train": 0.5,
+              "strategy": "fedadam", "server-tau": 1e-8, "eval-every": 5}  # fmt: skip
+    first = simulate(settings_for(tmp_path, "poisson", **{"num-server-rounds": 2, **config}))
+
+    # Execute
+    resumed = simulate(settings_for(tmp_path, "poisson", **{"num-server-rounds": 3, "resume": True, **config}))
+
+    # Assert: epsilon continues from round 2 (the accountant holds three steps at rate 0.5, noise 1, not
+    # one), and the checkpoint holds FedAdam's moments beside the accountant.
+    epsilons = [r["epsilon-client-dp"] for r in resumed["history"] if r["phase"] == "train"]
+    first_epsilons = [r["epsilon-client-dp"] for r in first["history"] if r["phase"] == "train"]
+    assert epsilons[-1] > first_epsilons[-1]
+    checkpoint = RunDirectory(resumed["run_dir"], create=False).load_latest_checkpoint()
+    assert checkpoint.round == 3 and "client_dp_accountant" in checkpoint.extra
+    assert any(key.startswith("m_t/") for key in checkpoint.strategy_state)
+    assert checkpoint.extra["client_dp_accountant"]["history"] == [[1.0, 0.5, 3]]
+

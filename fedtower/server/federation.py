@@ -79,45 +79,36 @@ def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
 
 
-def client_level_dp(grid: Grid, settings: RunSettings, inner, expected_arrays: dict):
-    """Flower's client-level DP wrapper around FedAvg, sampling a fixed number of clients each round (Flower's
-    FedAvg sample size: the connected nodes times fraction-train, at least min-train-nodes). With FedAdam or
-    FedYogi as the strategy, the server optimizer steps from the wrapper's noisy mean (post-processing)."""
+def client_level_dp(grid: Grid, settings: RunSettings, expected_arrays: dict):
+    """The client-level DP mean of the round's updates: secret Poisson sampling (`poisson`), or Flower's
+    wrapper around FedAvg over a fixed sample (Flower's sample size: the connected nodes times
+    fraction-train, at least min-train-nodes). With FedAdam or FedYogi as the strategy, the server
+    optimizer steps from that noisy mean (post-processing)."""
     population = client_population(grid, settings)
+    delta = client_level_delta(settings, population)
     if settings.client_dp == "poisson":
         mean = PoissonClientDP(
             sample_rate=settings.fraction_train, noise_multiplier=settings.client_dp_noise,
-            clipping_norm=settings.client_dp_clip, population_size=population,
-            target_delta=client_level_delta(settings, population), expected_arrays=expected_arrays,
-            max_epsilon=settings.max_epsilon or None, fraction_evaluate=settings.fraction_evaluate,
-            min_evaluate_nodes=settings.min_evaluate_nodes, min_available_nodes=settings.min_available_nodes,
-            min_train_nodes=settings.min_train_nodes,
+            clipping_norm=settings.client_dp_clip, population_size=population, target_delta=delta,
+            expected_arrays=expected_arrays, max_epsilon=settings.max_epsilon or None,
+            fraction_evaluate=settings.fraction_evaluate, min_evaluate_nodes=settings.min_evaluate_nodes,
+            min_available_nodes=settings.min_available_nodes, min_train_nodes=settings.min_train_nodes,
         )  # fmt: skip
-        if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
-            return optimizer_over_dp_mean(settings.strategy, mean,
-                                          **strategy_arguments(settings.strategy, **asdict(settings)))  # fmt: skip
-        if settings.strategy != "fedavg":
-            raise ValueError(f"client-dp = \"poisson\" averages the updates itself, with fedavg, fedadam or fedyogi "
-                             f"on top; got strategy {settings.strategy!r}.")  # fmt: skip
-        return mean
-    sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)
-    mean = inner
+    else:
+        mean = wrap_client_level_dp(
+            build_inner_strategy("fedavg", **asdict(settings)),
+            mode=settings.client_dp,
+            noise_multiplier=settings.client_dp_noise,
+            clipping_norm=settings.client_dp_clip,
+            num_sampled_clients=max(int(population * settings.fraction_train), settings.min_train_nodes),
+            target_delta=delta,
+            population_size=population,
+            max_epsilon=settings.max_epsilon or None,
+        )
     if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
-        mean = build_inner_strategy("fedavg", **asdict(settings))
-    wrapper = wrap_client_level_dp(
-        mean,
-        mode=settings.client_dp,
-        noise_multiplier=settings.client_dp_noise,
-        clipping_norm=settings.client_dp_clip,
-        num_sampled_clients=sampled,
-        target_delta=client_level_delta(settings, population),
-        population_size=population,
-        max_epsilon=settings.max_epsilon or None,
-    )
-    if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
-        return optimizer_over_dp_mean(settings.strategy, wrapper,
+        return optimizer_over_dp_mean(settings.strategy, mean,
                                       **strategy_arguments(settings.strategy, **asdict(settings)))  # fmt: skip
-    return wrapper
+    return mean  # the config allows only fedavg besides the two
 
 
 def secure_dp_step(settings: RunSettings) -> SecureDPStep:
@@ -239,7 +230,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     inner = build_inner_strategy(settings.strategy, **asdict(settings))
     optimizer_strategy = inner  # holds the server-optimizer state worth checkpointing
     if settings.client_dp != "off":
-        inner = client_level_dp(grid, settings, inner, expected)
+        inner = client_level_dp(grid, settings, expected)
         if settings.strategy in SERVER_OPTIMIZERS_OVER_DP:
             optimizer_strategy = inner  # its moments are the state to checkpoint
     if settings.secure_aggregation:

@@ -128,6 +128,15 @@ def reply_problem(message: Message, expected: ArraySpec) -> str | None:
     return None
 
 
+def in_spec(arrays: ArrayRecord, expected: ArraySpec) -> ArrayRecord:
+    """The aggregate in the item tower's own dtypes. Flower's FedAdam/FedYogi return float64 (their step
+    size is a NumPy float64), which would make every later checkpoint fail to match the tower on resume."""
+    if all(str(arrays[key].dtype) == dtype for key, (_, dtype) in expected.items() if key in arrays):
+        return arrays
+    return ArrayRecord({key: Array(np.asarray(array.numpy(), dtype=expected[key][1]) if key in expected
+                                   else array.numpy()) for key, array in arrays.items()})  # fmt: skip
+
+
 def strategy_state(inner: Strategy) -> dict[str, np.ndarray]:
     """Server-optimizer state (FedAdam/FedYogi moments, FedAvgM momentum) as named arrays."""
     state: dict[str, np.ndarray] = {}
@@ -290,7 +299,7 @@ class ItemTowerStrategy(Strategy):
         else:
             log.warning("Round %d: no usable training reply; the item tower is unchanged.", current)
         if arrays is not None:
-            self.current_arrays = arrays
+            arrays = self.current_arrays = in_spec(arrays, self.expected_arrays)
         if self.on_round_end is not None and self.current_arrays is not None:
             seconds = time.perf_counter() - self.round_started
             traffic = {"sent-bytes-per-site": float(tower_bytes(self.expected_arrays))}
