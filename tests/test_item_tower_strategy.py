@@ -181,3 +181,26 @@ def test_every_strategy_aggregates_item_towers_through_the_wrapper(name):
     if name in ("fedavg", "fedmedian", "fedtrimmedavg"):
         np.testing.assert_allclose(values, 3.0)  # mean, median and trimmed mean of 1..5 are all 3
     assert [node for _, node, _ in strategy.rejected] == [9]
+
+
+def test_the_plain_loops_fedadam_step_is_flowers():
+    # Prepare: the same mean of replies through Flower's FedAdam and the plain loop's server step, twice.
+    import torch
+
+    from fedtower.config import RunSettings
+    from fedtower.simulations.plain import server_step
+
+    settings = RunSettings(strategy="fedadam", server_lr=0.01, server_beta_2=0.999, server_tau=1e-8)
+    flower = build_inner_strategy("fedadam", **{"server_lr": 0.01, "server_beta_2": 0.999, "server_tau": 1e-8})
+    current, moments = tower(0.0), {"m": {}, "v": {}}
+    for server_round, value in ((1, 0.3), (2, -0.1)):
+        flower.current_arrays = {k: a.numpy() for k, a in current.items()}
+        # Execute
+        expected, _ = flower.aggregate_train(server_round, [reply(1, tower(value)), reply(2, tower(value))])
+        got = server_step(settings, server_round, {k: torch.from_numpy(a.numpy().copy()) for k, a in current.items()},
+                          {k: torch.full_like(torch.from_numpy(a.numpy()), value) for k, a in current.items()},
+                          moments)  # fmt: skip
+        # Assert
+        for key in KEYS:
+            np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-7)
+        current = ArrayRecord({k: Array(v.numpy()) for k, v in got.items()})

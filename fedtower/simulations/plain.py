@@ -2,7 +2,8 @@
 
 No Flower, no Ray, no state files: each round every sampled site loads the
 global item tower, trains its local epochs with the same TrainConfig as the
-ClientApp, and the towers are averaged by example count (FedAvg). Used as the
+ClientApp, and the towers are averaged by example count (FedAvg), with
+FedAdam's step on top when the strategy is fedadam. Used as the
 reference for the simulation-overhead benchmark and for quick tuning.
 """
 
@@ -39,6 +40,7 @@ def plain_federation(
     users = {p: None for p in range(num_partitions)}
     optimizers: dict[int, dict] = {}
     rng = np.random.default_rng(settings.seed)
+    moments: dict[str, dict] = {"m": {}, "v": {}}
     logs = []
     for server_round in range(1, settings.num_server_rounds + 1):
         started = time.perf_counter()
@@ -63,10 +65,9 @@ def plain_federation(
             states.append(model.item_tower_state())
             weights.append(len(split.users))
         total = float(sum(weights))
-        global_state = {
-            key: sum(state[key] * (w / total) for state, w in zip(states, weights, strict=True))
-            for key in global_state
-        }
+        mean = {key: sum(state[key] * (w / total) for state, w in zip(states, weights, strict=True))
+                for key in global_state}  # fmt: skip
+        global_state = server_step(settings, server_round, global_state, mean, moments)
         log = {"round": server_round, "seconds": time.perf_counter() - started}
         if server_round % settings.eval_every == 0 or server_round == settings.num_server_rounds:
             log.update(_evaluate_all(settings, catalogue, splits, global_state, users))
@@ -74,6 +75,23 @@ def plain_federation(
         if progress is not None:
             progress(log)
     return {"rounds": logs, "final": logs[-1]}
+
+
+def server_step(settings: RunSettings, server_round: int, current: dict, mean: dict, moments: dict) -> dict:
+    """FedAvg takes the mean; FedAdam steps from it with Flower's formula (its bias correction included)."""
+    if settings.strategy == "fedavg":
+        return mean
+    if settings.strategy != "fedadam":
+        raise ValueError(f"The plain loop runs fedavg and fedadam, not {settings.strategy!r}.")
+    b1, b2, eta = settings.server_beta_1, settings.server_beta_2, settings.server_lr
+    eta_norm = eta * np.sqrt(1 - b2 ** (server_round + 1.0)) / (1 - b1 ** (server_round + 1.0))
+    stepped = {}
+    for key, value in current.items():
+        delta = mean[key] - value
+        m = moments["m"][key] = b1 * moments["m"].get(key, torch.zeros_like(delta)) + (1 - b1) * delta
+        v = moments["v"][key] = b2 * moments["v"].get(key, torch.zeros_like(delta)) + (1 - b2) * delta**2
+        stepped[key] = value + eta_norm * m / (v.sqrt() + settings.server_tau)
+    return stepped
 
 
 def _evaluate_all(settings, catalogue, splits, global_state, users) -> dict:
