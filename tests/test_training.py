@@ -300,6 +300,8 @@ def test_reconstruction_fits_the_users_vectors_and_leaves_the_item_tower_as_rece
         assert torch.equal(value, received[key]), key
     assert all(p.grad is None for p in model.parameters())
     assert not torch.equal(model.user_tower.embedding.weight, before)
+    # The item tower was only held still for the refit: it trains again afterwards.
+    assert all(p.requires_grad for p in model.item_tower.parameters())
 
 
 def test_reconstruction_uses_its_own_learning_rate():
