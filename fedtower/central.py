@@ -12,14 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from fedtower.data.prepared import PreparedSplit, UserHistories, prepare_split
+from fedtower.data.prepared import PreparedSplit, prepare_split
 from fedtower.data.schema import Dataset, atomic_write_text
-from fedtower.data.splits import leave_one_out
+from fedtower.data.splits import SplitSpec
 from fedtower.data.weights import BehaviourWeights
-from fedtower.metrics import RankingSums, evaluate_scores
+from fedtower.metrics import SAMPLED_K, RankingSums, SampledSums, evaluate_scores
 from fedtower.models.training import TrainConfig, evaluate, evaluate_sampled, train
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
 
@@ -58,15 +57,27 @@ def run_central(
     train_config: TrainConfig | None = None,
     weights: BehaviourWeights | None = None,
     k: int = 20,
+    split: SplitSpec | PreparedSplit | None = None,
+    sampled_k: int = SAMPLED_K,
     out_dir: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Split, train, evaluate; returns (and optionally writes) a JSON-able result."""
+    """Split, train once, evaluate; returns (and optionally writes) a JSON-able result.
+
+    `split` is a SplitSpec (default: the temporal protocol) or a split already made (e.g. a given one,
+    `GivenSplit.prepare()`). Full-ranking metrics are always reported; where the split carries sampled
+    negatives (leave-one-out, or a test file with negatives) the same model is also scored by HR@sampled_k /
+    NDCG@sampled_k against them (`sampled`).
+    """
     started = time.perf_counter()
     train_config = train_config or TrainConfig()
     model_settings = dict(model_settings or {})
     torch.manual_seed(train_config.seed)
-    split = prepare_split(dataset, weights)
+    if not isinstance(split, PreparedSplit):
+        split = prepare_split(dataset, weights, spec=split or SplitSpec(seed=train_config.seed))
+    if not split.evaluable:
+        raise ValueError("The split holds nothing out (split = none), so there is nothing to evaluate the "
+                         "central model on; choose temporal, leave-one-out or a given test file.")  # fmt: skip
     model = build_model(dataset, split, **model_settings)
     logs = train(model, split.train, train_config, progress=progress)
     metrics = evaluate(
@@ -77,8 +88,10 @@ def run_central(
         history_len=train_config.history_len,
         popularity=split.popularity(),
     ).finalize()
+    popularity = popularity_baseline(split, k=k).finalize()
     result = {
         "dataset": dataset.name,
+        "protocol": split.protocol,
         "users": len(split.users),
         "items": split.num_items,
         "train_interactions": int(split.train.items.size),
@@ -87,9 +100,16 @@ def run_central(
         "train": train_config.to_dict(),
         "epochs": logs,
         "metrics": metrics,
-        "popularity": popularity_baseline(split, k=k).finalize(),
-        "seconds": time.perf_counter() - started,
+        "popularity": popularity,
     }
+    if split.sampled is not None and len(split.sampled):
+        result["sampled"] = {
+            **evaluate_sampled(model, split.train, split.sampled, k=sampled_k,
+                               history_len=train_config.history_len).finalize(),  # fmt: skip
+            "negatives_from": split.sampled.source,
+        }
+        result["popularity_sampled"] = popularity_sampled(split, k=sampled_k).finalize()
+    result["seconds"] = time.perf_counter() - started
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_text(out / "results.json", json.dumps(result, indent=2))
@@ -98,35 +118,8 @@ def run_central(
     return result
 
 
-def run_leave_one_out(
-    dataset: Dataset,
-    *,
-    model_settings: dict | None = None,
-    train_config: TrainConfig | None = None,
-    weights: BehaviourWeights | None = None,
-    num_negatives: int = 99,
-    k: int = 10,
-) -> dict:
-    """HR@k / NDCG@k under the NCF protocol (latest item held out, 99 sampled negatives).
-
-    For comparison with published tables only; the fixed temporal protocol is
-    the one fedtower's own figures use.
-    """
-    train_config = train_config or TrainConfig()
-    torch.manual_seed(train_config.seed)
-    weights = weights or BehaviourWeights()
-    interactions = weights.to_interactions(dataset.events, dataset.catalogue.index)
-    split = leave_one_out(interactions, num_negatives=num_negatives, seed=train_config.seed,
-                          num_items=len(dataset.catalogue))  # fmt: skip
-    users = sorted(interactions["user"].astype(str).unique())
-    train_histories = UserHistories.from_interactions(split.train, users)
-    position = pd.Index(users).get_indexer(split.test_items.index.astype(str))
-    test_items = np.full(len(users), -1, dtype=np.int64)
-    test_items[position] = split.test_items.to_numpy()
-    negatives = np.zeros((len(users), num_negatives), dtype=np.int64)
-    negatives[position] = split.negatives
-    holder = PreparedSplit(len(dataset.catalogue), train_histories, train_histories)
-    model = build_model(dataset, holder, **dict(model_settings or {}))
-    train(model, train_histories, train_config)
-    return evaluate_sampled(model, train_histories, test_items, negatives, k=k,
-                            history_len=train_config.history_len)  # fmt: skip
+def popularity_sampled(split: PreparedSplit, *, k: int = SAMPLED_K) -> SampledSums:
+    """The popularity baseline under the split's sampled negatives (ties rank the positive last)."""
+    popularity = split.popularity().astype(np.float64)
+    sampled = split.sampled
+    return SampledSums.of(popularity[sampled.positives], popularity[sampled.negatives], k=k)

@@ -497,6 +497,55 @@ def _mean(total: float, count: int) -> float:
     return float(total / count) if count else math.nan
 
 
+@dataclass
+class SampledSums:
+    """HR@k / NDCG@k sums of held-out items ranked against their own sampled negatives (NCF style).
+
+    One row is one held-out item with its negatives; mergeable like RankingSums.
+    """
+
+    k: int = 0
+    rows: int = 0
+    hits: float = 0.0
+    ndcg: float = 0.0
+    negatives: int = 0  # negatives per row (0: not set yet)
+
+    def __add__(self, other: SampledSums) -> SampledSums:
+        for name in ("k", "negatives"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine and theirs and mine != theirs:
+                raise ValueError(f"Cannot merge sampled sums with {name} {mine} and {theirs}.")
+        return SampledSums(self.k or other.k, self.rows + other.rows, self.hits + other.hits,
+                           self.ndcg + other.ndcg, self.negatives or other.negatives)  # fmt: skip
+
+    @classmethod
+    def of(cls, pos_scores: Any, neg_scores: Any, k: int = SAMPLED_K) -> SampledSums:
+        """Sums over a batch: pos_scores [R], neg_scores [R, M]."""
+        hits, ndcg = sampled_hit_and_ndcg(pos_scores, neg_scores, k=k)
+        return cls(k, int(np.size(hits)), float(np.sum(hits)), float(np.sum(ndcg)), int(np.shape(neg_scores)[-1]))
+
+    def to_metrics(self) -> dict[str, int | float]:
+        return {"sampled-k": self.k, "sampled-rows": self.rows, "sampled-hits": self.hits,
+                "sampled-ndcg": self.ndcg, "sampled-negatives": self.negatives}  # fmt: skip
+
+    @classmethod
+    def from_metrics(cls, payload: Mapping[str, Any]) -> SampledSums | None:
+        """The sums in a reply's metrics, or None when it sent none."""
+        if "sampled-rows" not in payload:
+            return None
+        rows, hits = int(payload["sampled-rows"]), float(payload["sampled-hits"])
+        ndcg = float(payload["sampled-ndcg"])
+        if rows < 0 or not 0 <= hits <= rows or not 0 <= ndcg <= rows:
+            raise ValueError(f"Sampled sums out of range: {rows} rows, {hits} hits, {ndcg} ndcg.")
+        return cls(int(payload["sampled-k"]), rows, hits, ndcg, int(payload["sampled-negatives"]))
+
+    def finalize(self) -> dict[str, float]:
+        """HR@k and NDCG@k over the rows, keyed e.g. `sampled-hr@10`, and the rows and negatives behind them."""
+        return {f"sampled-hr@{self.k}": _mean(self.hits, self.rows),
+                f"sampled-ndcg@{self.k}": _mean(self.ndcg, self.rows),
+                "sampled-rows": self.rows, "sampled-negatives": self.negatives}  # fmt: skip
+
+
 # ---------------------------------------------------------------- evaluation
 
 

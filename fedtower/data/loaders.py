@@ -37,6 +37,8 @@ from fedtower.data.validation import (
 )
 
 EVENT_FILE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
+# How events are ordered in time: by their timestamp column, or by their place in the files.
+EVENT_ORDERS: tuple[str, ...] = ("timestamp", "file")
 MAX_BRAND_COLUMNS = 50
 # MovieLens marks a film without genres with a placeholder, not a genre.
 NO_GENRE_MARKERS: frozenset[str] = frozenset({"(no genres listed)", "unknown"})
@@ -281,22 +283,35 @@ def load_event_log(
     columns: dict[str, str] | None = None,
     default_behaviour: str | None = None,
     on_error: OnError = "raise",
+    order: str = "timestamp",
+    first_position: int = 0,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """Load and validate an event log: a .csv or .parquet file, or a folder of them.
 
     `columns` maps canonical names (user, item, behaviour, timestamp, value) to
     the file's column names; `default_behaviour` is used when the log has no
     behaviour column. A folder's files are read in name order and concatenated,
-    each keeping its own line numbers.
+    each keeping its own line numbers. `order = "file"` orders events by their
+    place in the files instead of a timestamp column (published splits often
+    have none): event i gets timestamp `first_position + i`.
     """
+    tables, mapping = _event_tables(path, columns, default_behaviour, order)
+    return _validated_events(tables, mapping, default_behaviour, catalogue, on_error, order=order,
+                             first_position=first_position)  # fmt: skip
+
+
+def _event_tables(
+    path: str | Path, columns: dict[str, str] | None, default_behaviour: str | None, order: str
+) -> tuple[list[_TextTable], dict[str, str]]:
     if default_behaviour is not None and default_behaviour not in BEHAVIOURS:
         raise ValueError(
             f"default_behaviour {default_behaviour!r} is not a behaviour; "
             f"use one of {list(BEHAVIOURS)}."
         )
+    if order not in EVENT_ORDERS:
+        raise ValueError(f"The event order must be one of {list(EVENT_ORDERS)}, got {order!r}.")
     mapping = _column_map(columns, EVENT_COLUMNS, "event log")
-    tables = [_read_table(file, "event log") for file in _event_files(Path(path))]
-    return _validated_events(tables, mapping, default_behaviour, catalogue, on_error)
+    return [_read_table(file, "event log") for file in _event_files(Path(path))], mapping
 
 
 def _event_files(path: Path) -> list[Path]:
@@ -320,9 +335,16 @@ def _validated_events(
     catalogue: Catalogue,
     on_error: OnError,
     movielens_ids: bool = False,
+    *,
+    order: str = "timestamp",
+    first_position: int = 0,
+    extra_checks=(),
+    keep_columns: tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    frames = [_canonical_events(table, mapping, default_behaviour) for table in tables]
+    frames = [_canonical_events(table, mapping, default_behaviour, order, keep_columns) for table in tables]
     raw = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if order == "file":  # the place in the files is the order; a timestamp column, if any, is not read
+        raw["timestamp"] = np.arange(first_position, first_position + len(raw)).astype(str)
     origins = RowOrigins.concat([table.origins for table in tables])
     return validate_located_events(
         raw,
@@ -332,11 +354,17 @@ def _validated_events(
         field_names=mapping,
         header_line=tables[0].header_line,
         movielens_ids=movielens_ids,
+        extra_checks=extra_checks(raw, origins) if callable(extra_checks) else extra_checks,
+        keep_columns=keep_columns,
     )
 
 
 def _canonical_events(
-    table: _TextTable, mapping: dict[str, str], default_behaviour: str | None
+    table: _TextTable,
+    mapping: dict[str, str],
+    default_behaviour: str | None,
+    order: str = "timestamp",
+    keep_columns: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     frame = table.frame
     events = {}
@@ -346,8 +374,19 @@ def _canonical_events(
             events[field] = frame[source_column]
         elif field == "behaviour" and default_behaviour is not None:
             events[field] = pd.Series(default_behaviour, index=frame.index, dtype="str")
+        elif field == "timestamp" and order == "file":
+            continue
         elif field != "value":
-            raise _missing_column_error(table, source_column, field)
+            error = _missing_column_error(table, source_column, field)
+            if field == "timestamp":  # a published split without times: the file's order is the order
+                issue = error.issue
+                error = DataValidationError(ValidationIssue(
+                    issue.file, issue.line, issue.field,
+                    issue.message + "; if the file's order is the events' order, use order \"file\" "
+                    "(--order file, run config event-order = \"file\")", issue.reason))  # fmt: skip
+            raise error
+    for column in keep_columns:
+        events[column] = frame[column] if column in frame.columns else pd.Series(np.nan, index=frame.index)
     return pd.DataFrame(events, index=frame.index)
 
 
@@ -696,7 +735,7 @@ def _ml100k_genres(folder: Path) -> tuple[str, ...]:
 
 
 def load_dataset(
-    path: str | Path, *, on_error: OnError = "raise"
+    path: str | Path, *, on_error: OnError = "raise", order: str = "timestamp"
 ) -> tuple[Dataset, ValidationReport]:
     """Load a MovieLens folder, or a folder with a catalogue and an event log.
 
@@ -718,7 +757,7 @@ def load_dataset(
             + "; or catalogue.csv|parquet with events.csv|parquet or an events/ folder."
         )
     catalogue = load_catalogue(catalogue_path, feature_columns=_prefixed_columns(catalogue_path, "f_"))
-    events, report = load_event_log(events_path, catalogue=catalogue, on_error=on_error)
+    events, report = load_event_log(events_path, catalogue=catalogue, on_error=on_error, order=order)
     return Dataset(catalogue=catalogue, events=events, name=folder.name), report
 
 

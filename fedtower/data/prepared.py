@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fedtower.data.schema import Dataset
-from fedtower.data.splits import temporal_split
+from fedtower.data.splits import NEGATIVE_POOLS, SplitSpec, leave_one_out, temporal_split
 from fedtower.data.weights import BehaviourWeights
 
 
@@ -70,23 +70,64 @@ class UserHistories:
 
 
 @dataclass
+class SampledCandidates:
+    """Held-out items, each with its own negatives, for sampled HR@k / NDCG@k (the NCF protocol's figure).
+
+    Row r: user row `user_rows[r]` (of the split's users), its held-out item `positives[r]`, and
+    `negatives[r]` (item rows it is ranked against). `source` says where the negatives came from.
+    """
+
+    user_rows: np.ndarray  # int64 [R]
+    positives: np.ndarray  # int64 [R]
+    negatives: np.ndarray  # int64 [R, M]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.user_rows)
+
+    def subset(self, new_row_of_old: np.ndarray) -> SampledCandidates:
+        """The rows of the users kept, renumbered (`new_row_of_old[u]` is -1 for a user dropped)."""
+        new_rows = new_row_of_old[self.user_rows]
+        kept = new_rows >= 0
+        return SampledCandidates(new_rows[kept], self.positives[kept], self.negatives[kept], self.source)
+
+
+@dataclass
 class PreparedSplit:
-    """Train and test histories of the same users under the fixed temporal protocol."""
+    """Train and test histories of the same users, split as `protocol` says.
+
+    `sampled` holds the held-out items with their own negatives when the split has them (leave-one-out
+    with negatives, or a given test file with a negatives column); full-ranking metrics use `test`.
+    """
 
     num_items: int
     train: UserHistories
     test: UserHistories
+    sampled: SampledCandidates | None = None
+    protocol: str = SplitSpec().describe()
 
     @property
     def users(self) -> list[str]:
         return self.train.users
 
+    @property
+    def evaluable(self) -> bool:
+        """Whether anything is held out to evaluate on."""
+        return bool(self.test.items.size)
+
     def subset(self, users: list[str]) -> PreparedSplit:
         """The split of a group of users, as `prepare_split` of their events alone would make it: the
-        interactions, the temporal split and the histories are all per user. Users we do not hold (no
-        event that counts) are left out, as `prepare_split` leaves them out; the rest stay sorted."""
+        interactions, the split and the histories are all per user (leave-one-out's negatives are the whole
+        split's). Users we do not hold (no event that counts) are left out, as `prepare_split` leaves them
+        out; the rest stay sorted."""
         kept = sorted(user for user in set(map(str, users)) if user in self.train._position)
-        return PreparedSplit(num_items=self.num_items, train=self.train.subset(kept), test=self.test.subset(kept))
+        sampled = None
+        if self.sampled is not None:
+            new_row_of_old = np.full(len(self.users), -1, dtype=np.int64)
+            new_row_of_old[[self.train._position[user] for user in kept]] = np.arange(len(kept))
+            sampled = self.sampled.subset(new_row_of_old)
+        return PreparedSplit(num_items=self.num_items, train=self.train.subset(kept), test=self.test.subset(kept),
+                             sampled=sampled, protocol=self.protocol)  # fmt: skip
 
     def popularity(self) -> np.ndarray:
         """Training users per item (for the popularity baseline and novelty)."""
@@ -98,14 +139,34 @@ def prepare_split(
     weights: BehaviourWeights | None = None,
     *,
     test_fraction: float = 0.2,
+    spec: SplitSpec | None = None,
 ) -> PreparedSplit:
-    """Implicit interactions, split per user by time (BENCHMARKS.md protocol)."""
+    """Implicit interactions, split per user as `spec` says (default: BENCHMARKS.md's temporal protocol)."""
+    spec = spec or SplitSpec(test_fraction=test_fraction)
     weights = weights or BehaviourWeights()
     interactions = weights.to_interactions(dataset.events, dataset.catalogue.index)
-    train, test = temporal_split(interactions, test_fraction=test_fraction)
     users = sorted(interactions["user"].astype(str).unique())
+    sampled = None
+    if spec.kind == "temporal":
+        train, test = temporal_split(interactions, test_fraction=spec.test_fraction)
+    elif spec.kind == "none":
+        train, test = interactions, interactions.iloc[:0]
+    else:
+        loo = leave_one_out(interactions, num_negatives=spec.num_negatives, seed=spec.seed,
+                            num_items=len(dataset.catalogue), pool=spec.negative_pool)  # fmt: skip
+        train = loo.train
+        held = interactions.set_index(["user", "item"]).index.isin(
+            list(zip(loo.test_items.index.astype(str), loo.test_items.to_numpy())))  # fmt: skip
+        test = interactions[held]
+        if spec.num_negatives:
+            user_rows = pd.Index(users).get_indexer(loo.test_items.index.astype(str))
+            sampled = SampledCandidates(user_rows.astype(np.int64), loo.test_items.to_numpy(dtype=np.int64),
+                                        loo.negatives.astype(np.int64),
+                                        f"{spec.num_negatives} per user: {NEGATIVE_POOLS[spec.negative_pool]}")
     return PreparedSplit(
         num_items=len(dataset.catalogue),
         train=UserHistories.from_interactions(train, users),
         test=UserHistories.from_interactions(test, users),
+        sampled=sampled,
+        protocol=spec.describe(),
     )

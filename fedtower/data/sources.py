@@ -45,12 +45,15 @@ def synthetic_config(spec: str) -> SyntheticConfig:
 
 
 def resolve_dataset(
-    spec: str | None, *, on_error: OnError = "raise"
+    spec: str | None, *, on_error: OnError = "raise", order: str = "timestamp"
 ) -> tuple[Dataset, ValidationReport]:
-    """Load a dataset from a folder path, or generate the synthetic default."""
+    """Load a dataset from a folder path, or generate the synthetic default.
+
+    `order = "file"` orders a catalogue + events folder's events by their place in the files (no timestamp
+    column needed); MovieLens and synthetic data have timestamps and ignore it."""
     spec = (spec or SYNTHETIC).strip()
     if spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":"):
         dataset = generate(synthetic_config(spec))
         rows = len(dataset.events)
         return dataset, ValidationReport(sources=[dataset.name], rows_read=rows, rows_kept=rows)
-    return load_dataset(Path(spec).expanduser(), on_error=on_error)
+    return load_dataset(Path(spec).expanduser(), on_error=on_error, order=order)

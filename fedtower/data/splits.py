@@ -9,10 +9,18 @@ broken the same way everywhere, and orders users by their id as a string.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+
+# How each user's interactions become train and test (run config `split`, node config `split`).
+SPLITS: dict[str, str] = {
+    "temporal": "each user's latest share (test-fraction) of interactions held out (BENCHMARKS.md protocol)",
+    "leave-one-out": "each user's latest interaction held out (NCF protocol)",
+    "none": "every interaction trains; nothing is held out, so nothing is evaluated",
+}
 
 
 class TemporalSplit(NamedTuple):
@@ -34,11 +42,58 @@ class LeaveOneOut(NamedTuple):
     `test_items` is indexed by user id (sorted as strings) and holds each
     evaluated user's held-out item row; row i of `negatives` (shape
     users x num_negatives) holds the sampled negatives of `test_items.index[i]`.
+    `pool` says which items the negatives were drawn from (see NEGATIVE_POOLS).
     """
 
     train: pd.DataFrame
     test_items: pd.Series
     negatives: np.ndarray
+    pool: str = "interacted"
+
+
+# Where leave-one-out negatives come from. "interacted" is the NCF protocol (He et al. 2017, and its
+# reference code): items that occur in the interaction data, less the user's own. "catalogue" draws from
+# every catalogue row, items nobody interacted with included; those are easy negatives, so it reads higher.
+NEGATIVE_POOLS: dict[str, str] = {
+    "interacted": "items in the interaction data the user never interacted with (NCF protocol)",
+    "catalogue": "catalogue items the user never interacted with (items no one interacted with included)",
+}
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How a dataset is split for evaluation; public, the same for every party that applies it.
+
+    `num_negatives` and `negative_pool` apply to leave-one-out: each held-out
+    item is also ranked against that many sampled negatives (0: full ranking
+    only), drawn with `seed` (evaluation only, nothing private depends on it).
+    """
+
+    kind: str = "temporal"
+    test_fraction: float = 0.2
+    num_negatives: int = 99
+    negative_pool: str = "interacted"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPLITS:
+            raise ValueError(f"The split must be one of {list(SPLITS)}, got {self.kind!r}.")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"The test fraction must be between 0 and 1, but it is {self.test_fraction}.")
+        if self.num_negatives < 0:
+            raise ValueError(f"The number of negatives must be 0 or more, but it is {self.num_negatives}.")
+        if self.negative_pool not in NEGATIVE_POOLS:
+            raise ValueError(f"The negative pool must be one of {list(NEGATIVE_POOLS)}, got {self.negative_pool!r}.")
+
+    def describe(self) -> str:
+        """One line that says what the figures computed on this split mean."""
+        if self.kind == "temporal":
+            return f"temporal: each user's latest {self.test_fraction:.0%} of interactions held out, full ranking"
+        if self.kind == "leave-one-out":
+            sampled = (f"; also ranked against {self.num_negatives} sampled negatives: "
+                       f"{NEGATIVE_POOLS[self.negative_pool]}") if self.num_negatives else ""  # fmt: skip
+            return f"leave-one-out: each user's latest interaction held out, full ranking{sampled}"
+        return "none: every interaction trains, nothing is evaluated"
 
 
 def temporal_split(interactions: pd.DataFrame, *, test_fraction: float = 0.2) -> TemporalSplit:
@@ -64,18 +119,26 @@ def temporal_split(interactions: pd.DataFrame, *, test_fraction: float = 0.2) ->
 
 
 def leave_one_out(
-    interactions: pd.DataFrame, *, num_negatives: int = 99, seed: int, num_items: int | None = None
+    interactions: pd.DataFrame,
+    *,
+    num_negatives: int = 99,
+    seed: int,
+    num_items: int | None = None,
+    pool: str = "interacted",
 ) -> LeaveOneOut:
     """Hold out each user's latest interaction and sample negatives for it.
 
-    Negatives are distinct item rows drawn uniformly from the items the user
-    never interacted with (train or test), out of rows 0..num_items-1
-    (default: up to the largest row seen). The same seed gives the same
-    negatives. Users with fewer than 2 interactions stay wholly in train and
-    are not evaluated.
+    Negatives are distinct item rows drawn uniformly from `pool` less the items
+    the user interacted with (train or test): "interacted" (the NCF protocol)
+    draws among the items that occur in `interactions`, "catalogue" among rows
+    0..num_items-1 (default: up to the largest row seen). The same seed gives
+    the same negatives. Users with fewer than 2 interactions stay wholly in
+    train and are not evaluated. `num_negatives = 0` samples none.
     """
-    if num_negatives < 1:
-        raise ValueError(f"The number of negatives must be at least 1, but it is {num_negatives}.")
+    if num_negatives < 0:
+        raise ValueError(f"The number of negatives must be 0 or more, but it is {num_negatives}.")
+    if pool not in NEGATIVE_POOLS:
+        raise ValueError(f"The negative pool must be one of {list(NEGATIVE_POOLS)}, but it is {pool!r}.")
     ordered, user_codes = _sorted_by_user_time(interactions)
     rank, count = _rank_within_user(user_codes)
     items = ordered["item"].to_numpy(dtype=np.int64)
@@ -86,25 +149,31 @@ def leave_one_out(
     is_test = (rank == count - 1) & (count >= 2)
     test = ordered[is_test]
     evaluated = user_codes[is_test]
-    # Seen (user, item) pairs as sorted keys, for fast membership tests.
-    seen_keys = np.unique(user_codes * num_items + items)
-    seen_users = seen_keys // num_items
-    free = num_items - np.bincount(seen_users, minlength=user_codes.max(initial=-1) + 1)
+    # Sample positions in the pool; every item a user saw is in either pool.
+    candidates = np.unique(items) if pool == "interacted" else np.arange(num_items, dtype=np.int64)
+    size = len(candidates)
+    positions = np.searchsorted(candidates, items)
+    # Seen (user, pool position) pairs as sorted keys, for fast membership tests.
+    seen_keys = np.unique(user_codes * size + positions)
+    free = size - np.bincount(seen_keys // max(size, 1), minlength=user_codes.max(initial=-1) + 1)
     short = evaluated[free[evaluated] < num_negatives]
     if short.size:
         user = test["user"].iloc[int(np.searchsorted(evaluated, short[0]))]
+        where = "items in the interaction data" if pool == "interacted" else "catalogue items"
         raise ValueError(
-            f"User {user!r} has fewer than {num_negatives} items it never interacted with, "
+            f"User {user!r} has fewer than {num_negatives} {where} it never interacted with, "
             "so its negatives cannot be sampled."
         )
     rng = np.random.default_rng(seed)
-    negatives = _sample_negatives(evaluated, seen_keys, num_items, num_negatives, rng)
+    drawn = np.empty((len(evaluated), 0), dtype=np.int64)
+    if num_negatives:
+        drawn = _sample_negatives(evaluated, seen_keys, size, num_negatives, rng)
     test_items = pd.Series(
         test["item"].to_numpy(dtype=np.int64),
         index=pd.Index(test["user"], name="user"),
         name="item",
     )
-    return LeaveOneOut(ordered[~is_test].reset_index(drop=True), test_items, negatives)
+    return LeaveOneOut(ordered[~is_test].reset_index(drop=True), test_items, candidates[drawn], pool)
 
 
 def history_csr(interactions: pd.DataFrame, users: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ drop the bad rows and report them ("skip"). All checks are vectorised.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -219,11 +219,15 @@ def validate_located_events(
     field_names: Mapping[str, str] | None = None,
     header_line: int = 1,
     movielens_ids: bool = False,
+    extra_checks: Sequence[RowCheck] = (),
+    keep_columns: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """validate_events for rows from several files or with gaps in line numbers.
 
     `field_names` maps canonical columns to the names used in the source files,
     so issues name the column the user sees. `movielens_ids`: ids must be MovieLens's positive integers.
+    `extra_checks` are a caller's own row checks (e.g. a test file's negatives), reported like ours;
+    `keep_columns` are raw columns carried into the clean frame, row for row.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}.")
@@ -233,7 +237,7 @@ def validate_located_events(
     _require_columns(raw, origins, names, header_line)
     now = int(time.time()) if now is None else int(now)
     rows = _ParsedRows(raw.reset_index(drop=True))
-    checks = _event_checks(rows, origins, catalogue, now, movielens_ids)
+    checks = _event_checks(rows, origins, catalogue, now, movielens_ids) + list(extra_checks)
 
     bad = np.zeros(len(raw), dtype=bool)
     for check in checks:
@@ -249,7 +253,10 @@ def validate_located_events(
         reason_counts=_reason_counts(checks),
     )
     report.issues, report.issues_omitted = _reported_issues(checks, origins, names)
-    return rows.clean(~bad), report
+    clean = rows.clean(~bad)
+    for column in keep_columns:
+        clean[column] = raw[column].to_numpy()[~bad]
+    return clean, report
 
 
 def _require_columns(
@@ -332,11 +339,16 @@ class _ParsedRows:
 
 
 @dataclass
-class _Check:
+class RowCheck:
+    """One kind of bad row: `mask` marks them, `describe(rows)` says what is wrong with each."""
+
     reason: str
     field: str
     mask: np.ndarray
     describe: Callable[[np.ndarray], list[str]]
+
+
+_Check = RowCheck
 
 
 def _shown(value: object) -> str:

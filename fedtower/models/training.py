@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fedtower.data.prepared import UserHistories
-from fedtower.metrics import RankingSums, evaluate_scores, sampled_hit_and_ndcg
+from fedtower.data.prepared import SampledCandidates, UserHistories
+from fedtower.metrics import SAMPLED_K, RankingSums, SampledSums, evaluate_scores
 from fedtower.models.losses import LOSSES, candidate_loss, sample_negatives
 from fedtower.models.two_tower import (
     TwoTower,
@@ -238,23 +238,31 @@ def evaluate(
 def evaluate_sampled(
     model: TwoTower,
     train: UserHistories,
-    test_items: np.ndarray,
-    negatives: np.ndarray,
+    sampled: SampledCandidates,
     *,
-    k: int = 10,
+    k: int = SAMPLED_K,
     history_len: int = 200,
-) -> dict[str, float]:
-    """HR@k / NDCG@k of the NCF leave-one-out protocol (1 held-out item vs sampled negatives).
+    pool_history: bool = True,
+    chunk: int = 1024,
+) -> SampledSums:
+    """HR@k / NDCG@k of held-out items each ranked against its own negatives (the NCF protocol's figure).
 
-    test_items[u] is user row u's held-out item (-1: not evaluated); negatives[u] its negatives.
+    Row r scores user `sampled.user_rows[r]`'s vector (from its train history) against
+    `sampled.positives[r]` and `sampled.negatives[r]`; ties rank the positive last.
     """
     model.eval()
+    device = model.item_tower.id_embedding.weight.device
     vectors, bias = model.item_table()
-    rows = np.flatnonzero(test_items >= 0)
-    history = pad_histories([train.items_of(u) for u in rows], history_len)
-    user_ids = torch.as_tensor(rows) if model.user_tower.embedding is not None else None
-    users = model.user_vectors(user_ids, history, vectors)
-    candidates = torch.as_tensor(np.concatenate([test_items[rows, None], negatives[rows]], axis=1))
-    scores = (vectors[candidates] @ users.unsqueeze(-1)).squeeze(-1) + bias[candidates]
-    hits, ndcg = sampled_hit_and_ndcg(scores[:, 0].numpy(), scores[:, 1:].numpy(), k=k)
-    return {f"hr@{k}": float(np.mean(hits)), f"ndcg@{k}": float(np.mean(ndcg)), "users": len(rows)}
+    sums = SampledSums(k=k, negatives=int(sampled.negatives.shape[1]))
+    for start in range(0, len(sampled), chunk):
+        part = slice(start, min(start + chunk, len(sampled)))
+        rows = sampled.user_rows[part]
+        lists = [train.items_of(u) for u in rows]
+        history = pad_histories(lists if pool_history else [[]] * len(lists), history_len).to(device)
+        user_ids = torch.as_tensor(rows, device=device) if model.user_tower.embedding is not None else None
+        users = model.user_vectors(user_ids, history, vectors)
+        candidates = torch.as_tensor(np.concatenate([sampled.positives[part, None], sampled.negatives[part]], axis=1),
+                                     device=device)  # fmt: skip
+        scores = ((vectors[candidates] @ users.unsqueeze(-1)).squeeze(-1) + bias[candidates]).cpu().numpy()
+        sums = sums + SampledSums.of(scores[:, 0], scores[:, 1:], k=k)
+    return sums
