@@ -47,7 +47,7 @@ def site_runs(args) -> list[dict]:
 
 def client_level_runs(args) -> list[dict]:
     """Canary clients (one canary user each) among one-user clients, under Flower's client-level DP."""
-    from fedtower.client.local import cached_dataset
+    from fedtower.client.local import run_dataset
     from fedtower.config import RunSettings
     from fedtower.data.synthetic import SyntheticConfig, generate, to_folder
     from fedtower.privacy.empirical_audit import add_canaries, bias_scores, guess_and_bound
@@ -69,7 +69,7 @@ def client_level_runs(args) -> list[dict]:
         result = simulate(settings)
         final = RunDirectory(result["run_dir"], create=False).load_latest_checkpoint()
         initial = {k: v.numpy() for k, v in initial_item_tower(settings).items()}
-        scores = bias_scores(initial, final.arrays, cached_dataset(settings.data).catalogue, canaries.items)
+        scores = bias_scores(initial, final.arrays, run_dataset(settings).catalogue, canaries.items)
         claimed = [row["epsilon-client-dp"] for row in result["history"] if row["phase"] == "train"][-1]
         clients = canaries.dataset.events["user"].nunique()
         delta = 1.0 / (10 * clients)

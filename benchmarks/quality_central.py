@@ -20,9 +20,8 @@ import time
 
 from fedtower.central import run_central
 from fedtower.data.given import load_given_split
-from fedtower.data.loaders import EVENT_ORDERS
+from fedtower.data.protocols import EVENT_ORDERS, NEGATIVE_POOLS, SPLITS, SplitSpec
 from fedtower.data.sources import resolve_dataset
-from fedtower.data.splits import NEGATIVE_POOLS, SPLITS, SplitSpec
 from fedtower.models.training import TrainConfig
 from fedtower.tables import comparison_table
 

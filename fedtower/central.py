@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from fedtower.data.prepared import PreparedSplit, prepare_split
+from fedtower.data.protocols import SplitSpec
 from fedtower.data.schema import Dataset, atomic_write_text
-from fedtower.data.splits import SplitSpec
 from fedtower.data.weights import BehaviourWeights
 from fedtower.metrics import SAMPLED_K, RankingSums, SampledSums, evaluate_scores
 from fedtower.models.training import TrainConfig, evaluate, evaluate_sampled, train

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from fedtower.data.protocols import EVENT_ORDERS, NEGATIVE_POOLS, SPLITS, SplitSpec
+
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum")
 PARTITIONINGS = ("sites", "users")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,6 +27,7 @@ CLIENT_DP_MODES = ("off", "server-side", "client-side", "poisson")
 DP_MECHANISMS = ("sgd", "spectral")
 UPDATE_CODECS = ("fp32", "fp16", "int8")  # fedtower.compression.CODECS
 SPECTRAL_ROUNDS = 3
+RUN_SPLITS = (*SPLITS, "given")
 
 
 def check_embedding_path(path: str, table_optimizer: str) -> None:
@@ -56,6 +59,17 @@ class RunSettings:
     size_skew: float = 0.0  # 0 equal sites; s > 0 sizes them by a power law 1 / rank**s
     taste_skew: float = 0.0  # share of users placed by taste (0 random .. 1 strictly by taste)
     partition_seed: int = 0  # which users go to which site
+    # Evaluation split of each client's data: temporal (each user's latest test-fraction held out, the
+    # benchmark protocol), leave-one-out (each user's latest interaction; NCF), none (train on everything,
+    # no federated evaluation) or given (train-data + test-data files). A node's own `split` or `test-path`
+    # in its node config wins over this: the site owns its data.
+    split: str = "temporal"
+    test_fraction: float = 0.2  # temporal: share of each user's interactions held out
+    eval_negatives: int = 99  # leave-one-out: sampled negatives per held-out item (HR@10/NDCG@10; 0: none)
+    negative_pool: str = "interacted"  # leave-one-out negatives: interacted (NCF protocol) or catalogue
+    train_data: str = ""  # split = given: the train events (CSV/Parquet); `data` then names the catalogue only
+    test_data: str = ""  # split = given: the test rows, user, item[, negatives]
+    event_order: str = "timestamp"  # timestamp, or file: events ordered by their place in the files
     # Federation.
     num_server_rounds: int = 10  # federated rounds
     fraction_train: float = 1.0  # share of connected nodes sampled to train each round
@@ -149,6 +163,7 @@ class RunSettings:
     client_num_gpus: float = 0.0  # Ray GPUs per simulated client (a fraction shares one GPU)
 
     def __post_init__(self) -> None:
+        self._check_split()
         if self.partitioning not in PARTITIONINGS:
             raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {self.partitioning!r}.")
         if self.local_optimizer not in ("adam", "sgd"):
@@ -256,6 +271,30 @@ class RunSettings:
                              "not item towers.")  # fmt: skip
         if self.client_num_gpus < 0 or self.client_num_cpus <= 0:
             raise ValueError("client-num-cpus must be positive and client-num-gpus non-negative.")
+
+    def _check_split(self) -> None:
+        if self.split not in RUN_SPLITS:
+            raise ValueError(f"split must be one of {RUN_SPLITS}, got {self.split!r}.")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test-fraction must be between 0 and 1, got {self.test_fraction}.")
+        if self.eval_negatives < 0:
+            raise ValueError(f"eval-negatives must be 0 (none) or more, got {self.eval_negatives}.")
+        if self.negative_pool not in NEGATIVE_POOLS:
+            raise ValueError(f"negative-pool must be one of {tuple(NEGATIVE_POOLS)}, got {self.negative_pool!r}.")
+        if self.event_order not in EVENT_ORDERS:
+            raise ValueError(f"event-order must be one of {EVENT_ORDERS}, got {self.event_order!r}.")
+        given = bool(self.train_data) or bool(self.test_data)
+        if self.split == "given" and not (self.train_data and self.test_data):
+            raise ValueError("split = \"given\" needs both train-data and test-data (the two files of the split).")
+        if given and self.split != "given":
+            raise ValueError(f"train-data and test-data are a given split: set split = \"given\" with them (got "
+                             f"split = {self.split!r}).")  # fmt: skip
+
+    def split_spec(self) -> SplitSpec:
+        """The run's split as the data layer takes it (not for split = given, which is files)."""
+        return SplitSpec("temporal" if self.split == "given" else self.split, test_fraction=self.test_fraction,
+                         num_negatives=self.eval_negatives, negative_pool=self.negative_pool,
+                         seed=self.seed)  # fmt: skip
 
     # ------------------------------------------------------------------ mapping
     @classmethod

@@ -20,11 +20,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def load(spec: str, on_error: str = "raise"):
+def load(spec: str, on_error: str = "raise", order: str = "timestamp"):
     from fedtower.data.sources import resolve_dataset
     from fedtower.data.validation import DataValidationError
 
     try:
-        return resolve_dataset(spec, on_error=on_error)
+        return resolve_dataset(spec, on_error=on_error, order=order)
     except (DataValidationError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None

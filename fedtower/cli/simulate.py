@@ -23,6 +23,10 @@ def simulate(
         str, typer.Option("--site-config", help="Node config of every simulated site, e.g. "
                           "\"dp-population-users=2000 allow-raw-evaluation=true\" (a SuperNode's --node-config).")
     ] = "",
+    train_file: Annotated[Path | None, typer.Option("--train", help="A given split's train events (CSV/Parquet); "
+                                                    "with --test, the run's split is that pair of files.")] = None,
+    test_file: Annotated[Path | None, typer.Option("--test", help="A given split's test rows: user, item"
+                                                   "[, negatives].")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<time>).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved config.")
@@ -60,7 +64,13 @@ def simulate(
             base = {k: v for k, v in base.items() if k not in ("output-dir", "run-name")}
         else:
             base = preset_files.load_preset(preset)
-        values = {**base, **preset_files.parse_overrides(run_config)}
+        if (train_file is None) != (test_file is None):
+            raise ValueError("--train and --test name a given split together; give both or neither.")
+        values = dict(base)
+        if train_file is not None:  # absolute: the clients run in Ray workers
+            values.update({"split": "given", "train-data": str(train_file.expanduser().resolve()),
+                           "test-data": str(test_file.expanduser().resolve())})  # fmt: skip
+        values.update(preset_files.parse_overrides(run_config))
         if out is None and not resume:
             out = Path("runs") / f"{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out is not None:

@@ -49,8 +49,15 @@ from fedtower.client.state import ClientStateStore, StateError
 from fedtower.client.threads import use_client_threads
 from fedtower.compression import encode_tower
 from fedtower.config import RunSettings
-from fedtower.metrics import RankingSums
-from fedtower.models.training import TrainConfig, evaluate, make_optimizer, private_optimizer_state, train
+from fedtower.metrics import RankingSums, SampledSums
+from fedtower.models.training import (
+    TrainConfig,
+    evaluate,
+    evaluate_sampled,
+    make_optimizer,
+    private_optimizer_state,
+    train,
+)
 from fedtower.models.two_tower import TwoTower
 from fedtower.privacy.accounting import compose
 from fedtower.privacy.dp_evaluation import SENSITIVITY, NoisyEvaluation
@@ -292,10 +299,13 @@ def private_train_content(arrays: ArrayRecord, record: dict, *, exhausted: bool)
     return RecordDict({"arrays": arrays, "metrics": metrics, "ledger": signed_to_config_record(record)})
 
 
-def evaluate_content(sums: RankingSums) -> RecordDict:
-    """An evaluation without DP: ranking sums over the local users (mergeable), nothing per user."""
+def evaluate_content(sums: RankingSums, sampled: SampledSums | None = None) -> RecordDict:
+    """An evaluation without DP: ranking sums over the local users (mergeable), nothing per user; and the
+    sampled-negative sums when the split has negatives."""
     payload = sums.to_dict()
     payload["num-examples"] = max(sums.users, 1)
+    if sampled is not None:
+        payload |= sampled.to_metrics()
     return RecordDict({"metrics": MetricRecord(payload)})
 
 
@@ -305,19 +315,23 @@ def dp_evaluate_content(release: NoisyEvaluation, record: dict) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(payload), "ledger": signed_to_config_record(record)})
 
 
-def raw_evaluate_content(sums: RankingSums, record: dict | None) -> RecordDict:
+def raw_evaluate_content(sums: RankingSums, record: dict | None, sampled: SampledSums | None = None) -> RecordDict:
     """Exact sums in a DP run, because the site opted in (node config allow-raw-evaluation)."""
-    content = evaluate_content(sums)
+    content = evaluate_content(sums, sampled)
     content["metrics"]["raw-evaluation"] = 1
     if record is not None:
         content["ledger"] = signed_to_config_record(record)
     return content
 
 
-def withheld_evaluate_content(reason: str) -> RecordDict:
-    """Nothing measured is sent: the budget would be exceeded, or no DP evaluation fits the run."""
+def withheld_evaluate_content(reason: str, *, refused: bool = False) -> RecordDict:
+    """Nothing measured is sent: the budget would be exceeded, no DP evaluation fits the run, or (`refused`)
+    the node evaluates nothing: it refuses evaluation, or its split holds nothing out."""
     log.info("Evaluation withheld: %s", reason)
-    return RecordDict({"metrics": MetricRecord({"num-examples": 1, "evaluation-withheld": 1})})
+    metrics = {"num-examples": 1, "evaluation-withheld": 1}
+    if refused:
+        metrics["evaluation-refused"] = 1
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def _next_meta(meta: dict, message: Message, server_round: int, source: str, trained: bool = True) -> dict:
@@ -498,6 +512,17 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
         data = load_node_data(settings, node)
         model = build_model(settings, data.catalogue, len(data.users))
         load_global_item_tower(model, message.content["arrays"])
+        if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
+            state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
+        # Nothing measured leaves a node that refuses evaluation, or whose split holds nothing out (split =
+        # none: it trains on everything); nothing is charged either.
+        if not node.evaluate:
+            return Message(content=withheld_evaluate_content("the node refuses evaluation (node config evaluate = "
+                                                             "false)", refused=True), reply_to=message)  # fmt: skip
+        if not data.split.evaluable:
+            return Message(content=withheld_evaluate_content(f"nothing is held out to evaluate on (split "
+                                                             f"{data.split.protocol})", refused=True),
+                           reply_to=message)  # fmt: skip
         # Interaction-level DP-SGD scores with the DP user table alone; the spectral tower pools every
         # user's own history (on the client, post-processing of the released tower).
         interaction_dp = settings.dp_enabled and settings.privacy_unit == "interaction" and not settings.spectral
@@ -505,26 +530,28 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
         model.to(pick_device(settings.device))  # evaluate() puts each batch on the model's device
         sums = evaluate(model, data.split.train, data.split.test, k=settings.k, history_len=settings.history_len,
                         pool_history=not interaction_dp)  # fmt: skip
-        if state.has("item_tower"):  # serve from the newest global tower: the final one only arrives here
-            state.save({"item_tower": {k: v.detach().cpu().clone() for k, v in model.item_tower_state().items()}})
+        sampled = None  # HR@10 / NDCG@10 against the split's sampled negatives: exact sums, never DP-released
+        if data.split.sampled is not None and len(data.split.sampled):
+            sampled = evaluate_sampled(model, data.split.train, data.split.sampled, history_len=settings.history_len,
+                                       pool_history=not interaction_dp)  # fmt: skip
         if not dp_run:
-            return Message(content=evaluate_content(sums), reply_to=message)
+            return Message(content=evaluate_content(sums, sampled), reply_to=message)
         if not settings.dp_enabled:  # client-level DP: no local accountant to charge a DP evaluation to
             if node.allow_raw_evaluation:
                 log.warning("Releasing exact evaluation sums in a client-level DP run (node config "
                             "allow-raw-evaluation = true).")  # fmt: skip
-                return Message(content=raw_evaluate_content(sums, None), reply_to=message)
+                return Message(content=raw_evaluate_content(sums, None, sampled), reply_to=message)
             return Message(content=withheld_evaluate_content(
                 "client-level DP protects the update, not a per-client evaluation; set allow-raw-evaluation in "
                 "the node config to release exact sums"), reply_to=message)  # fmt: skip
         server_round = int(message.content["config"].get("server-round", 0))
         length = sum(v.numel() for v in model.item_tower_state().values())
-        content = _evaluate_private(settings, node, state, data, context, server_round, sums, length)
+        content = _evaluate_private(settings, node, state, data, context, server_round, sums, length, sampled)
         return Message(content=content, reply_to=message)
 
 
 def _evaluate_private(settings, node, state, data, context, server_round, sums: RankingSums,
-                      vector_length: int = 0) -> RecordDict:  # fmt: skip
+                      vector_length: int = 0, sampled: SampledSums | None = None) -> RecordDict:  # fmt: skip
     round_ = _PrivateRound(settings, node, state, data, context, server_round, vector_length=vector_length)
     plan = plan_evaluation(round_.calibration, round_.accountant, round_.count, round_.cap)
     if node.allow_raw_evaluation:
@@ -532,7 +559,7 @@ def _evaluate_private(settings, node, state, data, context, server_round, sums: 
                     round_.node_name)  # fmt: skip
         added = round_.pending_count()
         entry = round_.entry(plan, status="raw-evaluation", added=added, max_grad_norm=SENSITIVITY)
-        return raw_evaluate_content(sums, round_.commit({}, added, entry))
+        return raw_evaluate_content(sums, round_.commit({}, added, entry), sampled)
     if plan.exhausted:
         return withheld_evaluate_content(f"a DP evaluation would reach epsilon {plan.epsilon_after:.3f} > cap "
                                          f"{plan.cap:.3f}")  # fmt: skip

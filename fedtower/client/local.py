@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,21 +18,50 @@ from fedtower.client.events import EventLog, merge_events
 from fedtower.client.node_settings import NodeSettings, as_node_settings
 from fedtower.client.state import ClientStateStore
 from fedtower.config import RunSettings
+from fedtower.data.given import GivenSplit, load_given_split
 from fedtower.data.loaders import load_event_log
 from fedtower.data.partition import PartitionConfig, partition_events, partition_users, users_of_partition
-from fedtower.data.prepared import PreparedSplit, prepare_split
+from fedtower.data.prepared import PreparedSplit, UserHistories, prepare_split
+from fedtower.data.protocols import SplitSpec
 from fedtower.data.schema import Catalogue, Dataset, empty_events
-from fedtower.data.sources import resolve_dataset
+from fedtower.data.sources import SYNTHETIC, resolve_dataset
+from fedtower.data.weights import BehaviourWeights
 from fedtower.models.two_tower import TwoTower, TwoTowerConfig
 from fedtower.privacy.spectral import SpectralLayout
 
 log = logging.getLogger("fedtower.client")
 
 
-def cached_dataset(spec: str) -> Dataset:
+def cached_dataset(spec: str, order: str = "timestamp") -> Dataset:
     """The (public catalogue + simulated events) dataset; cached per process until its files change
     (a site worker outlives runs, and a site may update its catalogue between them)."""
-    return _cached_dataset(spec, _files_fingerprint(spec))
+    return _cached_dataset(spec, _files_fingerprint(spec), order)
+
+
+def run_dataset(settings: RunSettings) -> Dataset:
+    """The run's catalogue and, in a simulation, its events: `data`, or with split = "given" the catalogue
+    and the train file's events (the test file is held out)."""
+    if settings.split == "given":
+        return given_split(settings).dataset
+    return cached_dataset(settings.data, settings.event_order)
+
+
+def given_split(settings: RunSettings) -> GivenSplit:
+    """The run's given split (run config train-data + test-data), loaded once per process until a file changes."""
+    paths = (settings.data, settings.train_data, settings.test_data)
+    return _cached_given(*paths, settings.event_order, tuple(map(_files_fingerprint, paths)))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_given(data: str, train: str, test: str, order: str, fingerprint: tuple) -> GivenSplit:
+    # Without a catalogue folder (data is a synthetic spec) the item ids in the files are the catalogue.
+    catalogue = None if data.strip().startswith(SYNTHETIC) else cached_dataset(data).catalogue
+    given = load_given_split(Path(train).expanduser(), Path(test).expanduser(), catalogue=catalogue, order=order)
+    if given.report.rows_skipped:
+        log.warning("Given split validation: %s", given.report.summary(max_issues=5))
+    for note in given.notes:
+        log.warning("Given split: %s", note)
+    return given
 
 
 def _files_fingerprint(spec: str) -> tuple:
@@ -46,8 +75,8 @@ def _files_fingerprint(spec: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_dataset(spec: str, fingerprint: tuple) -> Dataset:
-    dataset, report = resolve_dataset(spec)
+def _cached_dataset(spec: str, fingerprint: tuple, order: str = "timestamp") -> Dataset:
+    dataset, report = resolve_dataset(spec, order=order)
     if report.rows_skipped:
         log.warning("%s", report.summary(max_issues=5))
     return dataset
@@ -64,9 +93,20 @@ def partition_config(settings: RunSettings, num_partitions: int) -> PartitionCon
     )
 
 
+def node_split(settings: RunSettings, node: NodeSettings | Mapping) -> SplitSpec | None:
+    """How this node's data is split: the node's own `split` / `test-fraction` over the run config's.
+    None: the split is given as files (run config split = "given", or the node's own test-path)."""
+    node = as_node_settings(node)
+    if node.test_path is not None or (settings.split == "given" and node.split is None):
+        return None
+    base = settings.split_spec()
+    fraction = base.test_fraction if node.test_fraction is None else node.test_fraction
+    return replace(base, kind=node.split or base.kind, test_fraction=fraction)
+
+
 @dataclass
 class NodeData:
-    """The node's own events, split by time into local train and test histories."""
+    """The node's own events, split into local train and test histories as `split.protocol` says."""
 
     catalogue: Catalogue
     split: PreparedSplit
@@ -78,12 +118,19 @@ class NodeData:
 
 
 def load_node_data(settings: RunSettings, node: NodeSettings | Mapping) -> NodeData:
-    """Simulation: a partition of the run's dataset. Deployment: node config `data-path`."""
+    """Simulation: a partition of the run's dataset. Deployment: node config `data-path` (and `test-path`)."""
     node = as_node_settings(node)
+    spec = node_split(settings, node)
     if node.data_path is not None:
         dataset = cached_dataset(settings.data)
         path = node.data_path
-        events, report = load_event_log(path, catalogue=dataset.catalogue, on_error="skip")
+        if node.test_path is not None:  # the site's own held-out events: data-path is all train
+            given = load_given_split(path, node.test_path, catalogue=dataset.catalogue, order=settings.event_order)
+            if given.report.rows_skipped:
+                log.warning("Local data validation: %s", given.report.summary(max_issues=10))
+            given.train_events = merge_events(given.train_events, _recorded_events(settings, node, dataset.catalogue))
+            return NodeData(dataset.catalogue, given.prepare(), f"{path} + {node.test_path}")
+        events, report = load_event_log(path, catalogue=dataset.catalogue, on_error="skip", order=settings.event_order)
         if report.rows_skipped:
             # Unknown items and bad rows are reported, never silently dropped.
             log.warning("Local data validation: %s", report.summary(max_issues=10))
@@ -91,71 +138,97 @@ def load_node_data(settings: RunSettings, node: NodeSettings | Mapping) -> NodeD
         if events.empty:
             raise ValueError(f"The node's data ({path}) holds no valid events.")
         local = Dataset(dataset.catalogue, events, name=str(path))
-        return NodeData(dataset.catalogue, prepare_split(local), str(path))
+        return NodeData(dataset.catalogue, prepare_split(local, spec=spec or settings.split_spec()), str(path))
     if node.partition_id is not None:
         partition_id = node.partition_id
         default = settings.num_sites if settings.partitioning == "sites" else 0  # 0: one per user
         num_partitions = node.num_partitions if node.num_partitions is not None else default
         config = partition_config(settings, num_partitions)
-        dataset = cached_dataset(settings.data)
+        dataset = run_dataset(settings)
         recorded = _recorded_events(settings, node, dataset.catalogue)
         if recorded.empty:
-            return _cached_partition(settings.data, config, partition_id)
+            return _cached_partition(_source_key(settings), spec, config, partition_id)
         # Events recorded while serving are the site's own data: train on them next round.
-        local = _partition_dataset(settings.data, config, partition_id)
+        local = _partition_dataset(settings, config, partition_id)
         merged = Dataset(local.catalogue, merge_events(local.events, recorded), name=local.name)
         source = f"{settings.data} partition {partition_id}/{config.num_partitions} + event log"
-        return NodeData(dataset.catalogue, prepare_split(merged), source)
+        if spec is None:  # a given split: the recorded events train, the given test rows stay the test
+            split = whole_split(settings, None).subset(local.events["user"].astype(str).unique().tolist())
+            return NodeData(dataset.catalogue, _with_train(split, merged), source)
+        return NodeData(dataset.catalogue, prepare_split(merged, spec=spec), source)
     raise ValueError(
         "This node has neither `data-path` (deployment) nor `partition-id` (simulation) in its "
         "node config, so it has no data to train on."
     )
 
 
+def _with_train(split: PreparedSplit, dataset: Dataset) -> PreparedSplit:
+    """`split` with its train histories rebuilt from `dataset`'s events (same users, same test)."""
+    interactions = BehaviourWeights().to_interactions(dataset.events, dataset.catalogue.index)
+    train = UserHistories.from_interactions(interactions, split.users)
+    return replace(split, train=train)
+
+
+def _source_key(settings: RunSettings) -> tuple[str, str, str, str]:
+    """What the run's data is made of (for the caches below): data, train-data, test-data, event-order."""
+    return settings.data, settings.train_data, settings.test_data, settings.event_order
+
+
+def _settings_of_source(source: tuple[str, str, str, str]) -> RunSettings:
+    data, train, test, order = source
+    return RunSettings(data=data, split="given" if test else "temporal", train_data=train, test_data=test,
+                       event_order=order)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1024)
-def _cached_partition(spec: str, config: PartitionConfig, partition_id: int) -> NodeData:
+def _cached_partition(source: tuple, spec: SplitSpec | None, config: PartitionConfig, partition_id: int) -> NodeData:
     """A simulated node's split; a Ray worker serves many messages, so compute it once.
 
     Sized for one-user clients: 610 MovieLens users fit, so each is split once per worker."""
-    dataset = cached_dataset(spec)
-    source = f"{spec} partition {partition_id}/{config.num_partitions}"
-    users = users_of_partition(dataset, config, partition_id, assignment=_partition_map(spec, config))
+    settings = _settings_of_source(source)
+    dataset = run_dataset(settings)
+    where = f"{settings.data} partition {partition_id}/{config.num_partitions}"
+    users = users_of_partition(dataset, config, partition_id, assignment=_partition_map(settings, config))
     if not users:
-        raise ValueError(f"The node's data ({source}) holds no valid events.")
+        raise ValueError(f"The node's data ({where}) holds no valid events.")
     # Every part of a split is per user, so a partition's split is the whole dataset's, cut to its users:
     # one preparation per process instead of one per partition (610 for one user per client).
-    return NodeData(dataset.catalogue, _whole_split(spec).subset(users), source)
+    return NodeData(dataset.catalogue, whole_split(settings, spec).subset(users), where)
 
 
-_whole_splits: dict[str, tuple[Dataset, PreparedSplit]] = {}
-_partition_maps: dict[tuple[str, PartitionConfig], tuple[Dataset, dict[int, list[str]]]] = {}
+_whole_splits: dict[tuple, tuple[Dataset, PreparedSplit]] = {}
+_partition_maps: dict[tuple, tuple[Dataset, dict[int, list[str]]]] = {}
 
 
-def _partition_map(spec: str, config: PartitionConfig) -> dict[int, list[str]]:
+def _partition_map(settings: RunSettings, config: PartitionConfig) -> dict[int, list[str]]:
     """Every partition's users, computed once per process and dataset: assigning all users costs
     about 60 ms at 20,000 users, which was most of a one-user client's round."""
-    dataset = cached_dataset(spec)
-    held = _partition_maps.get((spec, config))
+    dataset = run_dataset(settings)
+    key = (_source_key(settings), config)
+    held = _partition_maps.get(key)
     if held is None or held[0] is not dataset:
         _partition_maps.clear()
-        held = _partition_maps[(spec, config)] = (dataset, partition_users(dataset, config))
+        held = _partition_maps[key] = (dataset, partition_users(dataset, config))
     return held[1]
 
 
-def _whole_split(spec: str) -> PreparedSplit:
-    """The whole dataset's split, made again when the dataset cache reloaded the files."""
-    dataset = cached_dataset(spec)
-    held = _whole_splits.get(spec)
+def whole_split(settings: RunSettings, spec: SplitSpec | None) -> PreparedSplit:
+    """The whole run dataset's split (`spec`, or None for the given files), made again when the dataset
+    cache reloaded the files. A simulation's server uses it for its references, each client cuts its users."""
+    dataset = run_dataset(settings)
+    key = (_source_key(settings), spec)
+    held = _whole_splits.get(key)
     if held is None or held[0] is not dataset:
         _whole_splits.clear()  # one dataset per run: keep the memory of one
-        held = _whole_splits[spec] = (dataset, prepare_split(dataset))
+        split = given_split(settings).prepare() if spec is None else prepare_split(dataset, spec=spec)
+        held = _whole_splits[key] = (dataset, split)
     return held[1]
 
 
-def _partition_dataset(spec: str, config: PartitionConfig, partition_id: int) -> Dataset:
-    local = partition_events(cached_dataset(spec), config, partition_id)
+def _partition_dataset(settings: RunSettings, config: PartitionConfig, partition_id: int) -> Dataset:
+    local = partition_events(run_dataset(settings), config, partition_id)
     if local.events.empty:
-        source = f"{spec} partition {partition_id}/{config.num_partitions}"
+        source = f"{settings.data} partition {partition_id}/{config.num_partitions}"
         raise ValueError(f"The node's data ({source}) holds no valid events.")
     return local
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fedtower.data.protocols import SPLITS
+
 ACCOUNTANTS = ("rdp",)
 DEFAULT_COUNT_NOISE = 20.0  # std of the DP count of a site's privacy units, when it declares none
 DEFAULT_TRAIN_LOCK_TIMEOUT = 600.0
@@ -33,6 +35,13 @@ class NodeSettings:
     partition_id: int | None = None  # simulation: the partition this node plays
     num_partitions: int | None = None
     state_dir: Path | None = None  # deployment: created once by the site (mkdir -m 700)
+    # Evaluation of the node's data, the site's choice over the run config's: `split` (temporal,
+    # leave-one-out or none: train on everything), `test-fraction`, `test-path` (the site's own held-out
+    # events, e.g. the next period's, with data-path all train), `evaluate = false` to refuse evaluation.
+    split: str | None = None
+    test_fraction: float | None = None
+    test_path: Path | None = None
+    evaluate: bool = True
     state_key_file: Path | None = None  # AES key of the state at rest
     # The site's privacy limits.
     max_epsilon: float | None = None  # the site's budget cap, over every run
@@ -94,6 +103,13 @@ class NodeSettings:
     def __post_init__(self) -> None:
         if self.data_path is not None and self.partition_id is not None:
             raise ValueError("Node config has both data-path (deployment) and partition-id (simulation); give one.")
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"Node config key 'split' must be one of {list(SPLITS)}, got {self.split!r}.")
+        if self.test_fraction is not None and not 0 < self.test_fraction < 1:
+            raise ValueError(f"Node config key 'test-fraction' must be between 0 and 1, got {self.test_fraction}.")
+        if self.test_path is not None and (self.data_path is None or self.split is not None):
+            raise ValueError("Node config key 'test-path' is a deployed site's own test events: give it with "
+                             "data-path (its train events) and without split.")  # fmt: skip
         if self.max_delta is not None and not 0 < self.max_delta < 1:
             raise ValueError(f"Node config key 'max-delta' must be in (0, 1), got {self.max_delta}.")
         if self.accountant not in ACCOUNTANTS:
@@ -153,15 +169,15 @@ class NodeSettings:
 
 # ------------------------------------------------------------------ parsing
 
-_PATHS = {"data-path", "state-dir", "state-key-file", "rollback-counter", "ledger-key"}
+_PATHS = {"data-path", "test-path", "state-dir", "state-key-file", "rollback-counter", "ledger-key"}
 _INTS = {"partition-id", "num-partitions", "dp-population-users", "dp-population-events",
          "test-only-insecure-dp-seed", "min-secagg-threshold", "test-only-secagg-drop",
          "test-only-secagg-stall", "torch-threads"}  # fmt: skip
-_POSITIVE = {"max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout", "test-only-noise-scale",
-             "site-worker-idle-seconds"}
+_POSITIVE = {"test-fraction", "max-epsilon", "max-delta", "dp-count-noise", "train-lock-timeout",
+             "test-only-noise-scale", "site-worker-idle-seconds"}
 _NON_NEGATIVE = {"min-noise-multiplier"}
-_BOOLS = {"allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping", "require-secure-aggregation",
-          "test-only-secagg-record", "site-worker"}  # fmt: skip
+_BOOLS = {"evaluate", "allow-raw-evaluation", "allow-plaintext-state", "test-only-no-clipping",
+          "require-secure-aggregation", "test-only-secagg-record", "site-worker"}  # fmt: skip
 
 
 def _parse(key: str, value: object) -> object:

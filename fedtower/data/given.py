@@ -72,6 +72,7 @@ class GivenSplit:
             test=UserHistories.from_interactions(test, users),
             sampled=sampled,
             protocol=protocol,
+            kind="given",
         )
 
 

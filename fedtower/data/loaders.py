@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fedtower.data.protocols import EVENT_ORDERS
 from fedtower.data.schema import (
     BEHAVIOURS,
     CATALOGUE_COLUMNS,
@@ -37,8 +38,6 @@ from fedtower.data.validation import (
 )
 
 EVENT_FILE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
-# How events are ordered in time: by their timestamp column, or by their place in the files.
-EVENT_ORDERS: tuple[str, ...] = ("timestamp", "file")
 MAX_BRAND_COLUMNS = 50
 # MovieLens marks a film without genres with a placeholder, not a genre.
 NO_GENRE_MARKERS: frozenset[str] = frozenset({"(no genres listed)", "unknown"})

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedtower.data.protocols import NEGATIVE_POOLS, SplitSpec
 from fedtower.data.schema import Dataset
-from fedtower.data.splits import NEGATIVE_POOLS, SplitSpec, leave_one_out, temporal_split
+from fedtower.data.splits import leave_one_out, temporal_split
 from fedtower.data.weights import BehaviourWeights
 
 
@@ -105,6 +106,7 @@ class PreparedSplit:
     test: UserHistories
     sampled: SampledCandidates | None = None
     protocol: str = SplitSpec().describe()
+    kind: str = "temporal"  # temporal, leave-one-out, none or given
 
     @property
     def users(self) -> list[str]:
@@ -112,8 +114,9 @@ class PreparedSplit:
 
     @property
     def evaluable(self) -> bool:
-        """Whether anything is held out to evaluate on."""
-        return bool(self.test.items.size)
+        """Whether the protocol holds anything out. Decided by the protocol alone, never by the data: a node
+        whose reply depended on its data having test rows would tell the coordinator so outside DP."""
+        return self.kind != "none"
 
     def subset(self, users: list[str]) -> PreparedSplit:
         """The split of a group of users, as `prepare_split` of their events alone would make it: the
@@ -127,7 +130,7 @@ class PreparedSplit:
             new_row_of_old[[self.train._position[user] for user in kept]] = np.arange(len(kept))
             sampled = self.sampled.subset(new_row_of_old)
         return PreparedSplit(num_items=self.num_items, train=self.train.subset(kept), test=self.test.subset(kept),
-                             sampled=sampled, protocol=self.protocol)  # fmt: skip
+                             sampled=sampled, protocol=self.protocol, kind=self.kind)  # fmt: skip
 
     def popularity(self) -> np.ndarray:
         """Training users per item (for the popularity baseline and novelty)."""
@@ -169,4 +172,5 @@ def prepare_split(
         test=UserHistories.from_interactions(test, users),
         sampled=sampled,
         protocol=spec.describe(),
+        kind=spec.kind,
     )

@@ -108,7 +108,7 @@ def check_site(
         report.add("catalogue", PROBLEM, "The run's catalogue is not known yet (the node has not trained): pass "
                    "the coordinator's data spec, e.g. --run-config \"data='/srv/fedtower/catalogue'\".")
         return report
-    data = _check_data(report, Path(data_path).expanduser(), store, settings) if settings else None
+    data = _check_data(report, Path(data_path).expanduser(), store, settings, node) if settings else None
     if settings is not None:
         _describe_shared(report, settings, data)
     return report
@@ -319,11 +319,12 @@ class _Data:
     catalogue: Any
 
 
-def _check_data(report: SiteReport, data_path: Path, store, settings) -> _Data | None:
+def _check_data(report: SiteReport, data_path: Path, store, settings, node=None) -> _Data | None:
     """Load the data as `load_node_data` does, but report every skipped row instead of logging it."""
     from fedtower.client.events import EventLog, merge_events
-    from fedtower.client.local import cached_dataset
+    from fedtower.client.local import cached_dataset, node_split
     from fedtower.client.state import StateError
+    from fedtower.data.given import load_given_split
     from fedtower.data.loaders import load_event_log
     from fedtower.data.prepared import prepare_split
     from fedtower.data.schema import Dataset
@@ -334,8 +335,17 @@ def _check_data(report: SiteReport, data_path: Path, store, settings) -> _Data |
     except (DataValidationError, FileNotFoundError, ValueError) as err:
         report.add("catalogue", PROBLEM, f"The run's catalogue ({settings.data!r}) cannot be loaded: {err}")
         return None
+    from fedtower.client.node_settings import NodeSettings
+
+    node = node if node is not None else NodeSettings()
+    given = None
     try:
-        events, loaded = load_event_log(data_path, catalogue=catalogue, on_error="skip")
+        if node.test_path is not None:  # the site's own held-out events: data-path is all train
+            given = load_given_split(data_path, node.test_path, catalogue=catalogue, order=settings.event_order)
+            events, loaded = given.train_events, given.report
+        else:
+            events, loaded = load_event_log(data_path, catalogue=catalogue, on_error="skip",
+                                            order=settings.event_order)  # fmt: skip
     except (DataValidationError, FileNotFoundError, ValueError, OSError) as err:
         report.add("data", PROBLEM, str(err))
         return None
@@ -358,7 +368,14 @@ def _check_data(report: SiteReport, data_path: Path, store, settings) -> _Data |
     if events.empty:
         report.add("data", PROBLEM, f"{data_path} holds no valid events: the node has nothing to train on.")
         return None
-    split = prepare_split(Dataset(catalogue, events, name=str(data_path)))
+    if given is not None:
+        given.train_events = events
+        split = given.prepare()
+    else:
+        split = prepare_split(Dataset(catalogue, events, name=str(data_path)), spec=node_split(settings, node))
+    report.add("evaluation", OK if node.evaluate else WARNING,
+               f"split {split.protocol}" + ("" if node.evaluate else "; the node refuses every evaluation "
+                                            "(node config evaluate = false)"))  # fmt: skip
     data = _Data(len(events), len(split.users), int((split.test.lengths() > 0).sum()), catalogue)
     read = sum(r.rows_read for r in reports)
     report.add("data", OK if not skipped else WARNING,
@@ -383,11 +400,11 @@ def _describe_shared(report: SiteReport, settings, data: _Data | None) -> None:
         train_content,
         withheld_evaluate_content,
     )
-    from fedtower.client.local import build_model, cached_dataset
+    from fedtower.client.local import build_model, run_dataset
     from fedtower.metrics import RankingSums
     from fedtower.privacy.dp_evaluation import NoisyEvaluation
 
-    catalogue = data.catalogue if data else cached_dataset(settings.data).catalogue
+    catalogue = data.catalogue if data else run_dataset(settings).catalogue
     model = build_model(settings, catalogue, num_users=max(data.users if data else 1, 1))
     arrays = ArrayRecord(model.item_tower_state())
     # Placeholder values: only the records' names, keys and shapes are shown.

@@ -17,10 +17,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from fedtower.central import popularity_baseline
-from fedtower.client.local import build_model, cached_dataset, spectral_layout
+from fedtower.central import popularity_baseline, popularity_sampled
+from fedtower.client.local import build_model, run_dataset, spectral_layout, whole_split
 from fedtower.config import RunSettings
-from fedtower.data.prepared import prepare_split
 from fedtower.privacy.ledger import (
     LedgerMonitor,
     ServerLedger,
@@ -63,10 +62,20 @@ DP_SUMMARY_KEYS = ("ndcg@{k}", "ndcg@{k}-noise", "recall@{k}", "recall@{k}-noise
                    "users", "dp-noise-std")  # fmt: skip
 
 
+SAMPLED_SUMMARY_KEYS = ("sampled-hr@10", "sampled-ndcg@10")
+
+
+def evaluation_protocol(settings: RunSettings) -> str:
+    """What the run's evaluation figures mean (a node's own split or test-path may differ: its node config)."""
+    if settings.split == "given":
+        return f"given: train {settings.train_data}, test {settings.test_data}"
+    return settings.split_spec().describe()
+
+
 def initial_item_tower(settings: RunSettings) -> ArrayRecord:
     """The item tower every client starts from, built from the public catalogue alone."""
     torch.manual_seed(settings.seed)
-    catalogue = cached_dataset(settings.data).catalogue
+    catalogue = run_dataset(settings).catalogue
     model = build_model(settings, catalogue, num_users=0)
     return ArrayRecord(model.item_tower_state())
 
@@ -123,7 +132,7 @@ def secure_dp_step(settings: RunSettings) -> SecureDPStep:
 
 def spectral_item_tower(settings: RunSettings) -> SpectralItemTower:
     """The spectral DP item tower (run config dp-mechanism = "spectral"), from the public catalogue."""
-    catalogue = cached_dataset(settings.data).catalogue
+    catalogue = run_dataset(settings).catalogue
     builder = SpectralBuilder(layout=spectral_layout(settings, catalogue),
                               num_items=len(catalogue), content=content_block(catalogue.features, len(catalogue)))
     if settings.secure_aggregation:
@@ -156,15 +165,22 @@ def same_split_references(settings: RunSettings) -> dict[str, dict[str, float]]:
     server holds the run's events: a simulation, whose data is the union of the sites'. A deployed server
     holds the public catalogue only, and gets nothing here. Non-private: a reference, never released."""
     try:
-        dataset = cached_dataset(settings.data)
+        dataset = run_dataset(settings)
+        if dataset.events is None or len(dataset.events) == 0:
+            return {}
+        split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
     except (OSError, ValueError) as err:
         log.info("No popularity reference: %s", err)
         return {}
-    if dataset.events is None or len(dataset.events) == 0:
+    if not split.evaluable:
         return {}
-    metrics = popularity_baseline(prepare_split(dataset), k=settings.k).finalize()
-    return {"popularity": {key: float(metrics[key]) for key in (f"ndcg@{settings.k}", f"recall@{settings.k}",
-                                                                f"precision@{settings.k}", "mrr")}}  # fmt: skip
+    metrics = popularity_baseline(split, k=settings.k).finalize()
+    keys = (f"ndcg@{settings.k}", f"recall@{settings.k}", f"precision@{settings.k}", "mrr")
+    reference = {key: float(metrics[key]) for key in keys}
+    if split.sampled is not None and len(split.sampled):
+        reference |= {key: float(value) for key, value in popularity_sampled(split).finalize().items()
+                      if key.startswith("sampled-")}  # fmt: skip
+    return {"popularity": reference}
 
 
 def client_population(grid: Grid, settings: RunSettings) -> int:
@@ -223,6 +239,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     run_dir = RunDirectory(settings.run_dir)
     run_dir.write_config(settings.to_run_config())
     log.info("Run directory: %s", run_dir.path)
+    log.info("Evaluation: %s", evaluation_protocol(settings))
 
     wait_for_nodes(grid, settings.min_available_nodes, timeout=settings.round_timeout)
     arrays = initial_item_tower(settings)
@@ -332,8 +349,10 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     references = same_split_references(settings)
     plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"), references=references)
     keys = [key.format(k=settings.k) for key in (DP_SUMMARY_KEYS if settings.dp_enabled else SUMMARY_KEYS)]
-    table = summary_table(history, keys=keys)
-    compared = reference_table(history, references, [f"ndcg@{settings.k}", f"recall@{settings.k}"])
+    keys += [key for key in SAMPLED_SUMMARY_KEYS if any(key in row for row in history)]
+    table = f"Evaluation: {evaluation_protocol(settings)}\n" + summary_table(history, keys=keys)
+    compared = reference_table(history, references, [f"ndcg@{settings.k}", f"recall@{settings.k}",
+                                                     *(key for key in SAMPLED_SUMMARY_KEYS if key in keys)])
     if compared:
         table += "\n\n" + compared
     entries = ledger.entries()

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtower.client.handlers import train_on_node
-from fedtower.client.local import cached_dataset
+from fedtower.client.local import run_dataset
 from fedtower.config import RunSettings
 from fedtower.data.synthetic import SyntheticConfig, generate, to_folder
 from fedtower.privacy.empirical_audit import add_canaries, bias_scores, guess_and_bound
@@ -123,7 +123,7 @@ def run_audit(config: AuditConfig, workdir: str | Path | None = None) -> AuditRe
             if entry.status != "trained":
                 break
             tower = reply.content["arrays"]  # one site: its tower is the aggregate
-    catalogue = cached_dataset(settings.data).catalogue  # the rows as the run loaded them
+    catalogue = run_dataset(settings).catalogue  # the rows as the run loaded them
     scores = bias_scores({k: v.numpy() for k, v in initial.items()}, {k: v.numpy() for k, v in tower.items()},
                          catalogue, canaries.items)  # fmt: skip
     final = LedgerEntry.from_dict(ledger[-1])

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from fedtower.client.handlers import local_optimizer, local_train_config, reconstruct_users
-from fedtower.client.local import build_model, cached_dataset, partition_config
+from fedtower.client.local import build_model, partition_config, run_dataset, whole_split
 from fedtower.config import RunSettings
-from fedtower.data.partition import partition_events
-from fedtower.data.prepared import prepare_split
+from fedtower.data.partition import partition_users
 from fedtower.metrics import RankingSums
 from fedtower.models.training import evaluate, private_optimizer_state, train
 
@@ -31,10 +30,13 @@ def plain_federation(
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """FedAvg over `num_partitions` sites for settings.num_server_rounds rounds, in process."""
-    dataset = cached_dataset(settings.data)
+    dataset = run_dataset(settings)
     catalogue = dataset.catalogue
     config = partition_config(settings, num_partitions)
-    splits = [prepare_split(partition_events(dataset, config, p)) for p in range(num_partitions)]
+    # The clients' own splits: the whole dataset's, cut to each partition's users (as load_node_data does).
+    whole = whole_split(settings, None if settings.split == "given" else settings.split_spec())
+    assignment = partition_users(dataset, config)
+    splits = [whole.subset(assignment.get(p, [])) for p in range(num_partitions)]
     torch.manual_seed(settings.seed)
     global_state = build_model(settings, catalogue, 0).item_tower_state()
     users = {p: None for p in range(num_partitions)}

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedtower.client.handlers import evaluate_on_node, train_on_node
-from fedtower.client.local import cached_dataset, partition_config
+from fedtower.client.local import partition_config, run_dataset
 from fedtower.client.mods import optional_fixed_clipping
 from fedtower.client.node_settings import NodeSettings
 from fedtower.config import RunSettings
@@ -75,7 +75,7 @@ def num_partitions(settings: RunSettings) -> int:
     """Sites: num-sites. One user per client: the number of users in the data."""
     if settings.partitioning == "sites":
         return settings.num_sites
-    return int(cached_dataset(settings.data).events["user"].nunique())
+    return int(run_dataset(settings).events["user"].nunique())
 
 
 def simulate(settings: RunSettings, *, verbose: bool = False, client_app: ClientApp | None = None,
@@ -96,7 +96,7 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
     if settings.partitioning == "sites":
         # Fail early, in this process, if the partitioning cannot be made.
         sizes = [len(users) for users in partition_users(
-            cached_dataset(settings.data), partition_config(settings, partitions)).values()]  # fmt: skip
+            run_dataset(settings), partition_config(settings, partitions)).values()]  # fmt: skip
         log.info("Partitioned users into %d sites (sizes %d..%d).", partitions, min(sizes), max(sizes))
     # Flower's simulation starts the ServerApp while its virtual nodes are still registering (1,255 of 20,000
     # at the first round): wait for every one, so the first round samples from the whole population and

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtower.compression import CODECS, decode_tower
-from fedtower.metrics import RankingSums
+from fedtower.metrics import RankingSums, SampledSums
 from fedtower.privacy.dp_evaluation import MARKER as DP_MARKER
 from fedtower.privacy.dp_evaluation import NoisyEvaluation
 
@@ -350,7 +350,8 @@ class ItemTowerStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Merge the clients' sums exactly (DP noisy sums by addition too), then finalise once."""
         current = self.global_round(server_round)
-        exact, noisy, withheld = RankingSums(), NoisyEvaluation(), 0
+        exact, noisy, withheld, idle = RankingSums(), NoisyEvaluation(), 0, 0
+        sampled = SampledSums()  # exact sums only: a DP reply never carries them
         parts: list[tuple[dict, bool]] = []
         for message in replies:
             node = message.metadata.src_node_id
@@ -364,6 +365,7 @@ class ItemTowerStrategy(Strategy):
                 continue
             payload = dict(message.content["metrics"])
             if payload.get("evaluation-withheld"):
+                idle += int(bool(payload.get("evaluation-refused")))
                 withheld += 1
                 continue
             parts.append((payload, bool(payload.get(DP_MARKER))))
@@ -375,17 +377,24 @@ class ItemTowerStrategy(Strategy):
                                      NoisyEvaluation.exact(RankingSums.from_dict(payload)))  # fmt: skip
                 else:
                     exact = exact + RankingSums.from_dict(payload)
+                if not is_noisy:
+                    sampled = sampled + (SampledSums.from_metrics(payload) or SampledSums())
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("Round %d: rejected an evaluation reply: %s", current, err)
-        if withheld:
+        if idle:
+            log.info("Round %d: %d node(s) evaluate nothing (node config evaluate = false, or split = none).",
+                     current, idle)  # fmt: skip
+        if withheld - idle:
             log.info("Round %d: %d node(s) withheld their evaluation (DP budget, or client-level DP).", current,
-                     withheld)  # fmt: skip
+                     withheld - idle)  # fmt: skip
         if any_noisy and noisy.nodes:
             metrics = {k: v for k, v in noisy.finalize().items() if np.isfinite(v)}
         elif exact.users:
             metrics = {k: v for k, v in exact.finalize().items() if np.isfinite(v)}
         else:
             return None
+        if sampled.rows and not any_noisy:
+            metrics |= {k: v for k, v in sampled.finalize().items() if np.isfinite(v)}
         if self.on_evaluate is not None:
             self.on_evaluate(current, metrics)
         return MetricRecord(metrics)
