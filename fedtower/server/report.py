@@ -58,7 +58,7 @@ METRIC_GROUPS: tuple[MetricGroup, ...] = (
 
 # Which direction is "best" for the summary; metrics matching neither (ε, counts) get no best round.
 _HIGHER_IS_BETTER = re.compile(
-    r"^(ndcg|recall|precision|hr|map|coverage|diversity|novelty)@\d+$|^(mrr|auc|accuracy)$"
+    r"^(sampled-)?(ndcg|recall|precision|hr|map|coverage|diversity|novelty)@\d+$|^(mrr|auc|accuracy)$"
 )
 _LOWER_IS_BETTER = re.compile(r"loss")
 
