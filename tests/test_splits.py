@@ -115,7 +115,7 @@ def test_leave_one_out_negatives_are_the_complement_when_it_is_exactly_large_eno
     # User a saw rows {0, 1, 2, 3, 5}; of 10 rows exactly 5 are unseen: {4, 6, 7, 8, 9}.
     interactions = SMALL[SMALL["user"] == "a"]
 
-    split = leave_one_out(interactions, num_negatives=5, seed=0, num_items=10)
+    split = leave_one_out(interactions, num_negatives=5, seed=0, num_items=10, pool="catalogue")
 
     assert sorted(split.negatives[0].tolist()) == [4, 6, 7, 8, 9]
 
@@ -129,7 +129,7 @@ def test_leave_one_out_handles_users_who_saw_almost_the_whole_catalogue():
         {"user": "a", "item": seen, "timestamp": np.arange(len(seen), dtype=np.int64)}
     )
 
-    split = leave_one_out(interactions, num_negatives=10, seed=3, num_items=100_000)
+    split = leave_one_out(interactions, num_negatives=10, seed=3, num_items=100_000, pool="catalogue")
 
     assert sorted(split.negatives[0].tolist()) == unseen.tolist()
 
@@ -144,8 +144,8 @@ def test_leave_one_out_is_deterministic_by_seed():
 
 
 def test_leave_one_out_refuses_when_too_few_unseen_items():
-    with pytest.raises(ValueError, match="User 'a' has fewer than 6 items it never interacted"):
-        leave_one_out(SMALL, num_negatives=6, seed=0, num_items=10)
+    with pytest.raises(ValueError, match="User 'a' has fewer than 6 catalogue items it never interacted"):
+        leave_one_out(SMALL, num_negatives=6, seed=0, num_items=10, pool="catalogue")
 
 
 def test_user_histories_are_in_time_order_and_empty_for_unknown_users():

@@ -121,8 +121,9 @@ def load_given_split(
     negatives = None
     if has_negatives:
         lists = [_negative_ids(text) for text in test_events[NEGATIVES_COLUMN]]
-        negatives = np.array([catalogue.index.rows(ids) for ids in lists], dtype=np.int64).reshape(len(lists), -1)
-    notes = []
+        width = len(lists[0]) if lists else 0  # every kept row has as many (negative_count)
+        negatives = np.array([catalogue.index.rows(ids) for ids in lists], dtype=np.int64).reshape(len(lists), width)
+    notes = [] if len(test) else ["No valid test row is left: there is nothing to evaluate on."]
     overlap = sum((u, int(i)) in trained_on for u, i in zip(test["user"], test["item"]))
     if overlap:
         notes.append(f"{overlap:,} test rows name an item their user also has in train: full ranking leaves train "
