@@ -201,3 +201,32 @@ def test_a_poisson_client_dp_run_with_fedadam_resumes_its_accountant_and_moments
     assert any(key.startswith("m_t/") for key in checkpoint.strategy_state)
     assert checkpoint.extra["client_dp_accountant"]["history"] == [[1.0, 0.5, 3]]
 
+
+
+def test_a_given_split_runs_through_the_simulation_and_a_site_that_refuses_evaluation_is_left_out(tmp_path):
+    # Prepare: a published-style split (train file; test file with 20 negatives per user, no timestamps).
+    from fedtower.client.local import partition_config, run_dataset
+    from fedtower.data.partition import partition_users
+    from fedtower.data.protocols import SplitSpec
+
+    dataset = resolve_dataset(DATA)[0]
+    loo = prepare_split(dataset, spec=SplitSpec("leave-one-out", num_negatives=20))
+    ids = np.array(dataset.catalogue.index.ids)
+    train_rows = [f"{user},{ids[item]}" for u, user in enumerate(loo.users) for item in loo.train.items_of(u)]
+    (tmp_path / "train.csv").write_text("user,item\n" + "\n".join(train_rows) + "\n")
+    test_rows = [f"{loo.users[u]},{ids[p]},{' '.join(ids[n])}" for u, p, n in
+                 zip(loo.sampled.user_rows, loo.sampled.positives, loo.sampled.negatives)]  # fmt: skip
+    (tmp_path / "test.csv").write_text("user,item,negatives\n" + "\n".join(test_rows) + "\n")
+    settings = settings_for(tmp_path, "given", **{"num-server-rounds": 1, "split": "given", "event-order": "file",
+                                                  "train-data": str(tmp_path / "train.csv"),
+                                                  "test-data": str(tmp_path / "test.csv")})  # fmt: skip
+    # Execute: site 0 refuses evaluation in its node config.
+    result = simulate(settings, per_site={0: {"evaluate": False}})
+    # Assert: the other sites' users, each scored by full ranking and against the file's own negatives.
+    sites = partition_users(run_dataset(settings), partition_config(settings, 3))
+    evaluating = len(sites[1]) + len(sites[2])
+    final = [row for row in result["history"] if row["phase"] == "evaluate"][-1]
+    assert final["users"] == final["sampled-rows"] == evaluating < len(loo.users)
+    assert final["sampled-negatives"] == 20 and 0 < final["sampled-hr@10"] <= 1
+    summary = (RunDirectory(result["run_dir"], create=False).path / "summary.txt").read_text()
+    assert "Evaluation: given" in summary and "sampled-hr@10" in summary
