@@ -231,7 +231,7 @@ def named_run(settings: RunSettings) -> RunSettings:
     return RunSettings(**{**asdict(settings), "run_name": time.strftime("run-%Y%m%d-%H%M%S")})
 
 
-def run_federation(grid: Grid, settings: RunSettings) -> dict:
+def run_federation(grid: Grid, settings: RunSettings, *, wait_for: int | None = None) -> dict:
     """Run (or resume) the federation; returns the final metrics history."""
     started = time.perf_counter()
     poll_replies_promptly(grid)
@@ -241,7 +241,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict:
     log.info("Run directory: %s", run_dir.path)
     log.info("Evaluation: %s", evaluation_protocol(settings))
 
-    wait_for_nodes(grid, settings.min_available_nodes, timeout=settings.round_timeout)
+    # A simulation waits for every virtual node before round 1 (`wait_for`), without raising the strategy's
+    # min-available-nodes: that would end the run as soon as one node had spent its budget.
+    wait_for_nodes(grid, max(settings.min_available_nodes, wait_for or 0), timeout=settings.round_timeout)
     arrays = initial_item_tower(settings)
     expected = array_spec(arrays)
     inner = build_inner_strategy(settings.strategy, **asdict(settings))

@@ -12,7 +12,6 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -61,12 +60,12 @@ def make_client_app(run_config: dict, site_config: Mapping[str, object] | None =
     return app
 
 
-def make_server_app(settings: RunSettings, results: list) -> ServerApp:
+def make_server_app(settings: RunSettings, results: list, wait_for: int | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results.append(run_federation(grid, settings))
+        results.append(run_federation(grid, settings, wait_for=wait_for))
 
     return app
 
@@ -99,9 +98,8 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
             run_dataset(settings), partition_config(settings, partitions)).values()]  # fmt: skip
         log.info("Partitioned users into %d sites (sizes %d..%d).", partitions, min(sizes), max(sizes))
     # Flower's simulation starts the ServerApp while its virtual nodes are still registering (1,255 of 20,000
-    # at the first round): wait for every one, so the first round samples from the whole population and
-    # client-level DP counts it right.
-    settings = replace(settings, min_available_nodes=max(settings.min_available_nodes, partitions))
+    # at the first round): the server waits for every one, so the first round samples from the whole
+    # population and client-level DP counts it right.
     run_config = settings.to_run_config()
     results: list = []
     backend_config = {
@@ -114,7 +112,7 @@ def simulate(settings: RunSettings, *, verbose: bool = False, client_app: Client
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(settings, results),
+            server_app=make_server_app(settings, results, wait_for=partitions),
             client_app=client_app or make_client_app(run_config, site_config, per_site),
             num_supernodes=supernodes,
             backend_config=backend_config,
