@@ -84,13 +84,31 @@ def test_a_fresh_site_with_good_data_and_an_encrypted_state_is_ready(tmp_path):
     # Assert
     assert report.ready, report.problems
     assert statuses(report) == {"state dir": "ok", "state": "ok", "privacy budget": "ok", "data": "ok",
-                                "population": "warning", "rollback counter": "ok"}  # fmt: skip
+                                "evaluation": "ok", "population": "warning", "rollback counter": "ok"}  # fmt: skip
     assert "releases a DP count" in next(c.detail for c in report.checks if c.name == "population")
+    assert "temporal" in next(c.detail for c in report.checks if c.name == "evaluation")
     assert report.privacy["epsilon_spent"] == 0.0 and report.privacy["epsilon_left"] == 8.0
     assert "no rounds yet" in next(c.detail for c in report.checks if c.name == "privacy budget")
     assert report.data_reports[0]["rows_read"] == report.data_reports[0]["rows_kept"] == rows
     # The check saved nothing: at most the store's lock file exists.
     assert {p.name for p in state.iterdir()} <= {"state.lock"}
+
+
+def test_the_check_shows_the_sites_own_evaluation_choice_and_its_test_file_rows(tmp_path):
+    # Prepare: the site trains on everything in data-path and evaluates on its own test file, one bad row in it.
+    data, state, key, _ = make_site(tmp_path)
+    first = data.read_text().splitlines()[1].split(",")
+    test = tmp_path / "next.csv"
+    test.write_text(f"user,item\n{first[0]},{first[1]}\nnobody,{first[1]}\n")
+    # Execute
+    refusing = check_site(data, state, max_epsilon=8.0, state_key_file=key, run_config=DP_RUN,
+                          node_config={"evaluate": False})  # fmt: skip
+    given = check_site(data, state, max_epsilon=8.0, state_key_file=key, run_config=DP_RUN,
+                       node_config={"test-path": str(test)})  # fmt: skip
+    # Assert
+    assert "refuses every evaluation" in next(c.detail for c in refusing.checks if c.name == "evaluation")
+    assert "given" in next(c.detail for c in given.checks if c.name == "evaluation")
+    assert any("next.csv:3: field 'user'" in line for line in given.issue_lines)
 
 
 def test_epsilon_spent_after_a_real_private_round_is_shown(trained):

@@ -87,12 +87,15 @@ def load_given_split(
 ) -> GivenSplit:
     """Load and validate a train file and a test file (each a .csv or .parquet file, or a folder of them).
 
-    `order = "file"` orders each file's events by their place in it (train before test). Test rows of
+    `order = "file"` orders each file's events by their place in it (train before test); a test file without a
+    timestamp column is ordered so in any case (held-out rows need no times). Test rows of
     users with no train events, and negatives that are unknown, repeated or the row's own item, are
     reported and skipped; so is a row whose number of negatives differs from the other rows'.
     """
     train_tables, mapping = _event_tables(train_path, None, IMPLICIT_BEHAVIOUR, order)
     test_tables, test_mapping = _event_tables(test_path, None, IMPLICIT_BEHAVIOUR, order)
+    # Held-out rows need no times: a test file without a timestamp column comes after the train events.
+    test_order = order if all("timestamp" in table.frame.columns for table in test_tables) else "file"
     has_negatives = any(NEGATIVES_COLUMN in table.frame.columns for table in test_tables)
     if catalogue is None:
         catalogue = _catalogue_of_ids(train_tables + test_tables, has_negatives)
@@ -111,9 +114,9 @@ def load_given_split(
         return checks
 
     keep = (NEGATIVES_COLUMN,) if has_negatives else ()
-    first = int(train_events["timestamp"].max()) + 1 if order == "file" and len(train_events) else 0
+    first = int(train_events["timestamp"].max()) + 1 if test_order == "file" and len(train_events) else 0
     test_events, test_report = _validated_events(
-        test_tables, test_mapping, IMPLICIT_BEHAVIOUR, catalogue, on_error, order=order, first_position=first,
+        test_tables, test_mapping, IMPLICIT_BEHAVIOUR, catalogue, on_error, order=test_order, first_position=first,
         extra_checks=test_checks, keep_columns=keep)  # fmt: skip
     items = catalogue.index.rows(test_events["item"])
     test = pd.DataFrame({"user": test_events["user"].astype(str).to_numpy(), "item": items,
