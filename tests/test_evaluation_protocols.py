@@ -359,3 +359,24 @@ def test_a_deployed_site_evaluates_on_its_own_test_file(tmp_path):
     # Assert: 20 train events, the two test rows of known users (the stranger is reported, not evaluated).
     assert data.split.kind == "given" and data.split.train.items.size == 20
     assert [ids[i] for i in data.split.test.items] == [ids[50], ids[51]]
+
+
+def test_the_ncf_papers_files_become_a_given_split_and_bad_lines_are_reported(tmp_path):
+    from fedtower.data.ncf_files import convert_ncf
+
+    # Prepare: the NCF layout (tab separated, no header; the test pair in parentheses), one bad line in each.
+    (tmp_path / "ml.train.rating").write_text("0\t32\t4\t978824330\n0\t34\t4\t978824331\n1\t32\t5\t978300760\n"
+                                              "1\t40\t3\t978300761\nbad line\n")  # fmt: skip
+    (tmp_path / "ml.test.negative").write_text("(0,40)\t1\t2\t3\n(1,34)\t1\t2\t3\n0,5\t1\n")
+    # Execute
+    report = convert_ncf(tmp_path / "ml.train.rating", tmp_path / "ml.test.negative", tmp_path / "out")
+    given = load_given_split(tmp_path / "out" / "train.csv", tmp_path / "out" / "test.csv")
+    # Assert
+    assert [(issue.file.rsplit("/", 1)[-1], issue.line) for issue in report.issues] == [("ml.train.rating", 5),
+                                                                                     ("ml.test.negative", 3)]
+    assert report.rows_read == 8 and report.rows_kept == 6
+    ids = given.catalogue.index.ids
+    assert [ids[i] for i in given.test["item"]] == ["40", "34"]
+    assert [[ids[i] for i in row] for row in given.negatives] == [["1", "2", "3"]] * 2
+    assert given.train_events["timestamp"].tolist() == [978824330, 978824331, 978300760, 978300761]
+    assert given.report.rows_skipped == 0

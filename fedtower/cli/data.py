@@ -66,6 +66,30 @@ def _load_event_file(path: Path, catalogue: str | None, on_error: str):
     return Dataset(catalogue=items, events=events, name=path.name), report
 
 
+@data_app.command("ncf")
+def data_ncf(
+    train_rating: Annotated[Path, typer.Argument(help="The NCF split's <name>.train.rating file.")],
+    test_negative: Annotated[Path, typer.Argument(help="Its <name>.test.negative file (99 negatives a user).")],
+    out: Annotated[Path, typer.Option(help="Folder to write train.csv and test.csv to.")] = Path("ncf-split"),
+) -> None:
+    """Turn the NCF paper's published split files into train.csv + test.csv for --train / --test.
+
+    Exits with code 1 when a line did not parse (each is listed with its file and line).
+    """
+    from fedtower.data.ncf_files import convert_ncf
+
+    try:
+        report = convert_ncf(train_rating, test_negative, out)
+    except (OSError, UnicodeDecodeError) as err:
+        raise fail(str(err)) from None
+    typer.echo(report.summary(max_issues=20))
+    typer.echo(f"Wrote {out / 'train.csv'} and {out / 'test.csv'}: fedtower train-central --train "
+               f"{out / 'train.csv'} --test {out / 'test.csv'} --data CATALOGUE (or without --data: the ids in "
+               "the files).")  # fmt: skip
+    if report.rows_skipped:
+        raise typer.Exit(code=1)
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write catalogue.csv and events.csv to.")],

@@ -27,6 +27,8 @@ def simulate(
                                                     "with --test, the run's split is that pair of files.")] = None,
     test_file: Annotated[Path | None, typer.Option("--test", help="A given split's test rows: user, item"
                                                    "[, negatives].")] = None,
+    order: Annotated[str | None, typer.Option(help="timestamp | file: order events by their place in the files "
+                                              "(run config event-order).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<time>).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint, with its saved config.")
@@ -70,6 +72,8 @@ def simulate(
         if train_file is not None:  # absolute: the clients run in Ray workers
             values.update({"split": "given", "train-data": str(train_file.expanduser().resolve()),
                            "test-data": str(test_file.expanduser().resolve())})  # fmt: skip
+        if order is not None:
+            values["event-order"] = order
         values.update(preset_files.parse_overrides(run_config))
         if out is None and not resume:
             out = Path("runs") / f"{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
