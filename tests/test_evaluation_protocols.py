@@ -380,3 +380,14 @@ def test_the_ncf_papers_files_become_a_given_split_and_bad_lines_are_reported(tm
     assert [[ids[i] for i in row] for row in given.negatives] == [["1", "2", "3"]] * 2
     assert given.train_events["timestamp"].tolist() == [978824330, 978824331, 978300760, 978300761]
     assert given.report.rows_skipped == 0
+
+
+def test_taste_skew_on_a_catalogue_without_categories_names_the_setting(tmp_path):
+    from fedtower.data.partition import PartitionConfig, partition_users
+
+    train = write(tmp_path / "train.csv", "user,item\n1,10\n1,11\n2,11\n3,12\n")
+    test = write(tmp_path / "test.csv", "user,item\n1,12\n")
+    dataset = load_given_split(train, test, order="file").dataset
+    with pytest.raises(ValueError, match="this catalogue has no categories.*set taste-skew = 0"):
+        partition_users(dataset, PartitionConfig(scheme="sites", num_partitions=2, taste_skew=0.5))
+    assert sum(map(len, partition_users(dataset, PartitionConfig(scheme="sites", num_partitions=2)).values())) == 3

@@ -255,6 +255,10 @@ def partition_users(
         interactions = (weights or BehaviourWeights()).to_interactions(
             dataset.events, dataset.catalogue.index
         )
+        if not category_names(dataset.catalogue):
+            raise ValueError(f"taste-skew = {config.taste_skew} places users by the categories of what they "
+                             "interacted with, but this catalogue has no categories (e.g. one built from a given "
+                             "split's item ids); set taste-skew = 0.")  # fmt: skip
         tastes = user_category_profile(interactions, dataset.catalogue, users)
     assignment = assign_users(users, config, user_tastes=tastes)
     partitions: dict[int, list[str]] = {p: [] for p in range(config.partitions_for(len(users)))}
