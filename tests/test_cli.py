@@ -163,3 +163,26 @@ def test_check_takes_a_sites_event_file_against_the_runs_catalogue(tmp_path):
     assert beside.exit_code == 0 and "skipped 0" in beside.output
     assert against.exit_code == 1 and "events.csv:3" in against.output and "skipped 1" in against.output
     assert alone.exit_code == 2 and "--catalogue" in alone.output
+
+
+def test_train_central_takes_a_split_by_name_or_as_files(tmp_path):
+    # Prepare: an NCF-layout toy split converted by `fedtower data ncf`, one bad line in it.
+    (tmp_path / "t.train.rating").write_text("0\t1\t5\t978300760\n0\t2\t3\t978300761\n1\t2\t4\t978300762\n"
+                                             "1\t3\t5\t978300763\nnot a line\n")  # fmt: skip
+    (tmp_path / "t.test.negative").write_text("(0,3)\t4\t5\n(1,1)\t4\t5\n")
+    converted = runner.invoke(app, ["data", "ncf", str(tmp_path / "t.train.rating"), str(tmp_path / "t.test.negative"),
+                                    "--out", str(tmp_path / "split")])  # fmt: skip
+    # Execute
+    given = runner.invoke(app, ["train-central", "--train", str(tmp_path / "split" / "train.csv"), "--test",
+                                str(tmp_path / "split" / "test.csv"), "--epochs", "1", "--dim", "8",
+                                "--out", str(tmp_path / "given")])  # fmt: skip
+    loo = runner.invoke(app, ["train-central", "--split", "leave-one-out", "--negatives", "20", "--epochs", "1",
+                              "--dim", "8", "--data", "synthetic:users=40,items=60", "--out", str(tmp_path / "loo")])
+    half = runner.invoke(app, ["train-central", "--train", str(tmp_path / "split" / "train.csv"), "--epochs", "1"])
+    # Assert
+    assert converted.exit_code == 1 and "t.train.rating:5" in converted.output
+    assert given.exit_code == 0, given.output
+    assert "Protocol: given" in given.output and "sampled-hr@10" in given.output
+    assert loo.exit_code == 0, loo.output
+    assert "NCF protocol" in loo.output and "40 held-out items" in loo.output
+    assert half.exit_code == 2 and "give both or neither" in half.output

@@ -23,6 +23,8 @@ def data_check(
         bool, typer.Option(help="Stop at the first bad row instead of skipping and reporting.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    order: Annotated[str, typer.Option(help="timestamp | file: events without timestamps are ordered by their "
+                                       "place in the file.")] = "timestamp",
 ) -> None:
     """Validate a dataset, or a site's event file against the run's catalogue: every bad row is
     reported with its file, line and field.
@@ -31,9 +33,9 @@ def data_check(
     """
     on_error = "raise" if fail_fast else "skip"
     if Path(path).expanduser().is_file():
-        dataset, report = _load_event_file(Path(path).expanduser(), catalogue, on_error)
+        dataset, report = _load_event_file(Path(path).expanduser(), catalogue, on_error, order)
     else:
-        dataset, report = load(path, on_error=on_error)
+        dataset, report = load(path, on_error=on_error, order=order)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -45,7 +47,7 @@ def data_check(
         raise typer.Exit(code=1)
 
 
-def _load_event_file(path: Path, catalogue: str | None, on_error: str):
+def _load_event_file(path: Path, catalogue: str | None, on_error: str, order: str = "timestamp"):
     """A site's event file, validated against a catalogue (as its SuperNode loads it each round)."""
     from fedtower.data.loaders import _prefixed_columns, load_catalogue, load_event_log
     from fedtower.data.schema import Dataset
@@ -60,7 +62,7 @@ def _load_event_file(path: Path, catalogue: str | None, on_error: str):
         else:
             raise fail(f"{path} is an event file, and no catalogue.csv is beside it: give the catalogue its items "
                         "belong to with --catalogue (the run's data folder, or 'synthetic').")
-        events, report = load_event_log(path, catalogue=items, on_error=on_error)
+        events, report = load_event_log(path, catalogue=items, on_error=on_error, order=order)
     except (DataValidationError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     return Dataset(catalogue=items, events=events, name=path.name), report
