@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loo", action="store_true", help="the same as --split leave-one-out (NCF protocol)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="temporal: share held out per user")
     parser.add_argument("--negatives", type=int, default=99, help="leave-one-out: sampled negatives per user")
+    parser.add_argument("--sampled-k", type=int, default=10, help="cut-off of HR@k / NDCG@k against the negatives")
     parser.add_argument("--negative-pool", choices=sorted(NEGATIVE_POOLS), default="interacted",
                         help="leave-one-out: where negatives come from (interacted: the NCF protocol)")
     parser.add_argument("--train", help="a given split's train events (CSV/Parquet file or folder)")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                           negative_pool=args.negative_pool, seed=args.seed)  # fmt: skip
         data_name = args.data or "synthetic"
     result = run_central(
-        dataset, model_settings={"dim": args.dim}, train_config=config, split=split,
+        dataset, model_settings={"dim": args.dim}, train_config=config, split=split, sampled_k=args.sampled_k,
         progress=lambda log: print(f"epoch {log['epoch']:>3}  loss {log['loss']:.4f}",
                                    file=sys.stderr),
     )  # fmt: skip

@@ -31,6 +31,7 @@ import time
 from fedtower.central import popularity_baseline
 from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
+from fedtower.data.protocols import SplitSpec
 from fedtower.data.sources import resolve_dataset
 from fedtower.privacy.accounting import noise_multiplier_for
 from fedtower.server.report import plot_privacy_curve
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               "out": out}  # fmt: skip
     if len(curve) == 1:
         result.update({k: curve[0][k] for k in ("ndcg@20", "ratio", "epsilon_spent")})
+    result["protocol"] = SplitSpec().describe()  # every figure here is on the temporal split
     print(json.dumps(result))
     return result
 

@@ -25,6 +25,7 @@ import time
 from fedtower.central import popularity_baseline
 from fedtower.config import RunSettings
 from fedtower.data.prepared import prepare_split
+from fedtower.data.protocols import SplitSpec
 from fedtower.data.sources import resolve_dataset
 from fedtower.server.report import plot_privacy_curve
 from fedtower.simulations.runner import simulate
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["plot"] = str(plot)
     if len(curve) == 1:
         result.update({k: curve[0][k] for k in ("ndcg@20", "recall@20", "ratio", "epsilon_spent")})
+    result["protocol"] = SplitSpec().describe()  # every figure here is on the temporal split
     print(json.dumps(result))
     return result
 

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The central model trains and is scored on the very split the clients hold, cut from the same data.
     split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
     central = run_central(run_dataset(settings), model_settings={"dim": settings.dim}, split=split,
+                          sampled_k=settings.sampled_k,
                           train_config=TrainConfig(epochs=args.central_epochs))  # fmt: skip
     central_seconds = time.perf_counter() - started
 

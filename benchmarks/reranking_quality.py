@@ -35,6 +35,7 @@ import torch
 
 from fedtower.central import build_model
 from fedtower.data.prepared import UserHistories, prepare_split
+from fedtower.data.protocols import SplitSpec
 from fedtower.data.sources import resolve_dataset
 from fedtower.metrics import coverage_at_k, intra_list_diversity, ndcg_at_k, novelty_at_k, recall_at_k
 from fedtower.models.training import TrainConfig, evaluate, train
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cold_start": cold_start, "new_items": new_items, "seconds": time.perf_counter() - started,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }  # fmt: skip
+    result["protocol"] = SplitSpec().describe()  # every figure here is on the temporal split
     print(json.dumps(result))
     return result
 

@@ -39,6 +39,7 @@ import torch
 
 from fedtower.client.private_round import default_delta, planned_evaluations
 from fedtower.config import RunSettings
+from fedtower.data.protocols import SplitSpec
 from fedtower.privacy.quantization import l1_bound
 from fedtower.privacy.skellam import skellam_noise_multiplier_for
 from fedtower.server.federation import initial_item_tower
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "100000" in result["cost"]:
             result["time_ratio@100000"] = result["cost"]["100000"]["time_ratio"]
             result["bytes_ratio@100000"] = result["cost"]["100000"]["bytes_ratio"]
+    result["protocol"] = SplitSpec().describe()  # every figure here is on the temporal split
     print(json.dumps(result))
     return result
 

@@ -66,6 +66,7 @@ class RunSettings:
     split: str = "temporal"
     test_fraction: float = 0.2  # temporal: share of each user's interactions held out
     eval_negatives: int = 99  # leave-one-out: sampled negatives per held-out item (HR@10/NDCG@10; 0: none)
+    sampled_k: int = 10  # the cut-off of the metrics against sampled negatives (HR@k, NDCG@k; NCF uses 10)
     negative_pool: str = "interacted"  # leave-one-out negatives: interacted (NCF protocol) or catalogue
     train_data: str = ""  # split = given: the train events (CSV/Parquet); `data` then names the catalogue only
     test_data: str = ""  # split = given: the test rows, user, item[, negatives]
@@ -189,7 +190,7 @@ class RunSettings:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}.")
         for name in ("num_sites", "num_server_rounds", "eval_every", "local_epochs", "batch_size",
-                     "dim", "history_len", "k"):  # fmt: skip
+                     "dim", "history_len", "k", "sampled_k"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} must be at least 1, got {getattr(self, name)}.")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -266,12 +266,13 @@ def benchmark(name: str):
 
 
 def test_quality_central_loo_trains_one_model_and_reports_the_protocol(capsys):
-    argv = ["--data", "synthetic:users=60,items=80,seed=1", "--loo", "--negatives", "20", "--epochs", "2", "--dim", "8"]
+    argv = ["--data", "synthetic:users=60,items=80,seed=1", "--loo", "--negatives", "20", "--epochs", "2", "--dim", "8",
+            "--sampled-k", "5"]
     out = benchmark("quality_central").main(argv)
     progress = capsys.readouterr().err
     assert progress.count("epoch   1 ") == 1 and progress.count("epoch   2 ") == 1  # one training, not two
     assert "NCF protocol" in out["protocol"] and "NCF protocol" in out["negatives_from"]
-    assert 0 < out["sampled-hr@10"] <= 1 and 0 < out["ndcg@20"] <= 1
+    assert 0 < out["sampled-hr@5"] <= 1 and 0 < out["ndcg@20"] <= 1 and "sampled-hr@10" not in out
     assert out["test_interactions"] == out["users"] == out["sampled_rows"] == 60
 
 
@@ -337,13 +338,14 @@ def test_whether_a_node_evaluates_depends_on_its_protocol_not_on_its_data(tmp_pa
 
 
 def test_a_non_private_evaluation_sends_sampled_sums_next_to_the_ranking_sums(tmp_path):
-    config = run_config(tmp_path, **{"split": "leave-one-out", "eval-negatives": 20})
+    config = run_config(tmp_path, **{"split": "leave-one-out", "eval-negatives": 20, "sampled-k": 5})
     node = {"partition-id": 1, "num-partitions": 3}
     reply, _ = train_round(config, 1, node)
     metrics = dict(evaluate(config, reply.content["arrays"], 1, node).content["metrics"])
     split = load_node_data(RunSettings.from_run_config(config), node).split
     assert metrics["sampled-rows"] == len(split.users) == metrics["users"]
     assert metrics["sampled-negatives"] == 20 and 0 <= metrics["sampled-hits"] <= metrics["sampled-rows"]
+    assert metrics["sampled-k"] == 5
 
 
 def test_a_deployed_site_evaluates_on_its_own_test_file(tmp_path):

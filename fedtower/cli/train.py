@@ -33,6 +33,7 @@ def train_central(
                                        "none is refused: central training needs a test set.")] = "temporal",
     test_fraction: Annotated[float, typer.Option(help="temporal: share of each user's events held out.")] = 0.2,
     negatives: Annotated[int, typer.Option(help="leave-one-out: sampled negatives per user (0: none).")] = 99,
+    sampled_k: Annotated[int, typer.Option(help="Cut-off of HR@k / NDCG@k against sampled negatives.")] = 10,
     negative_pool: Annotated[str, typer.Option(help="leave-one-out: interacted (NCF: items in the interaction "
                                                "data) | catalogue.")] = "interacted",
     train_file: Annotated[Path | None, typer.Option("--train", help="A given split's train events (CSV/Parquet); "
@@ -87,7 +88,7 @@ def train_central(
                    f"{log['seconds']:.2f}s")  # fmt: skip
 
     try:
-        result = run_central(dataset, model_settings={"dim": dim, "pooling": pooling}, split=spec,
+        result = run_central(dataset, model_settings={"dim": dim, "pooling": pooling}, split=spec, sampled_k=sampled_k,
                              train_config=config, k=k, out_dir=out, progress=progress)  # fmt: skip
     except ValueError as err:
         raise fail(str(err)) from None

@@ -532,8 +532,8 @@ def evaluate_on_node(message: Message, context: Context, run_config: Mapping | N
                         pool_history=not interaction_dp)  # fmt: skip
         sampled = None  # HR@10 / NDCG@10 against the split's sampled negatives: exact sums, never DP-released
         if data.split.sampled is not None and len(data.split.sampled):
-            sampled = evaluate_sampled(model, data.split.train, data.split.sampled, history_len=settings.history_len,
-                                       pool_history=not interaction_dp)  # fmt: skip
+            sampled = evaluate_sampled(model, data.split.train, data.split.sampled, k=settings.sampled_k,
+                                       history_len=settings.history_len, pool_history=not interaction_dp)  # fmt: skip
         if not dp_run:
             return Message(content=evaluate_content(sums, sampled), reply_to=message)
         if not settings.dp_enabled:  # client-level DP: no local accountant to charge a DP evaluation to

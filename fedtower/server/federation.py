@@ -62,7 +62,7 @@ DP_SUMMARY_KEYS = ("ndcg@{k}", "ndcg@{k}-noise", "recall@{k}", "recall@{k}-noise
                    "users", "dp-noise-std")  # fmt: skip
 
 
-SAMPLED_SUMMARY_KEYS = ("sampled-hr@10", "sampled-ndcg@10")
+SAMPLED_SUMMARY_KEYS = ("sampled-hr@{sampled_k}", "sampled-ndcg@{sampled_k}")
 
 
 def evaluation_protocol(settings: RunSettings) -> str:
@@ -178,8 +178,8 @@ def same_split_references(settings: RunSettings) -> dict[str, dict[str, float]]:
     keys = (f"ndcg@{settings.k}", f"recall@{settings.k}", f"precision@{settings.k}", "mrr")
     reference = {key: float(metrics[key]) for key in keys}
     if split.sampled is not None and len(split.sampled):
-        reference |= {key: float(value) for key, value in popularity_sampled(split).finalize().items()
-                      if key.startswith("sampled-")}  # fmt: skip
+        reference |= {key: float(value) for key, value in popularity_sampled(split, k=settings.sampled_k).finalize()
+                      .items() if key.startswith("sampled-")}  # fmt: skip
     return {"popularity": reference}
 
 
@@ -351,10 +351,11 @@ def run_federation(grid: Grid, settings: RunSettings, *, wait_for: int | None = 
     references = same_split_references(settings)
     plot_metrics(history, run_dir.plots_dir, phases=("train", "evaluate"), references=references)
     keys = [key.format(k=settings.k) for key in (DP_SUMMARY_KEYS if settings.dp_enabled else SUMMARY_KEYS)]
-    keys += [key for key in SAMPLED_SUMMARY_KEYS if any(key in row for row in history)]
+    sampled_keys = [key.format(sampled_k=settings.sampled_k) for key in SAMPLED_SUMMARY_KEYS]
+    keys += [key for key in sampled_keys if any(key in row for row in history)]
     table = f"Evaluation: {evaluation_protocol(settings)}\n" + summary_table(history, keys=keys)
     compared = reference_table(history, references, [f"ndcg@{settings.k}", f"recall@{settings.k}",
-                                                     *(key for key in SAMPLED_SUMMARY_KEYS if key in keys)])
+                                                     *(key for key in sampled_keys if key in keys)])
     if compared:
         table += "\n\n" + compared
     entries = ledger.entries()
