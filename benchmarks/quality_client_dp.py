@@ -29,11 +29,10 @@ import tempfile
 import time
 
 from fedtower.central import popularity_baseline
+from fedtower.client.local import whole_split
 from fedtower.config import RunSettings
-from fedtower.data.prepared import prepare_split
-from fedtower.data.protocols import SplitSpec
-from fedtower.data.sources import resolve_dataset
 from fedtower.privacy.accounting import noise_multiplier_for
+from fedtower.server.federation import evaluation_protocol
 from fedtower.server.report import plot_privacy_curve
 from fedtower.simulations.presets import load_preset, parse_overrides
 from fedtower.simulations.runner import simulate
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or tempfile.mkdtemp(prefix="fedtower-client-dp-")
     base = base_run_config(args)
     settings = RunSettings.from_run_config(base)
-    dataset, _ = resolve_dataset(settings.data)
-    split = prepare_split(dataset)
+    # The clients' own split (the run config's: temporal unless --run-config names another).
+    split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
     population = len(split.users)
     sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)  # expected, under poisson
     delta = args.delta or 1.0 / (10 * population)
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
               "out": out}  # fmt: skip
     if len(curve) == 1:
         result.update({k: curve[0][k] for k in ("ndcg@20", "ratio", "epsilon_spent")})
-    result["protocol"] = SplitSpec().describe()  # every figure here is on the temporal split
+    result["protocol"] = evaluation_protocol(settings)
     print(json.dumps(result))
     return result
 
