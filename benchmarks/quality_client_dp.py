@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from fedtower.central import popularity_baseline
-from fedtower.client.local import whole_split
+from fedtower.client.local import run_split
 from fedtower.config import RunSettings
 from fedtower.privacy.accounting import noise_multiplier_for
 from fedtower.server.federation import evaluation_protocol
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = base_run_config(args)
     settings = RunSettings.from_run_config(base)
     # The clients' own split (the run config's: temporal unless --run-config names another).
-    split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
+    split = run_split(settings)
     population = len(split.users)
     sampled = max(int(population * settings.fraction_train), settings.min_train_nodes)  # expected, under poisson
     delta = args.delta or 1.0 / (10 * population)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fedtower.central import run_central
-from fedtower.client.local import run_dataset, whole_split
+from fedtower.client.local import run_dataset, run_split
 from fedtower.config import RunSettings
 from fedtower.models.training import TrainConfig
 from fedtower.simulations.presets import load_preset, parse_overrides
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     })  # fmt: skip
     started = time.perf_counter()
     # The central model trains and is scored on the very split the clients hold, cut from the same data.
-    split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
+    split = run_split(settings)
     central = run_central(run_dataset(settings), model_settings={"dim": settings.dim}, split=split,
                           sampled_k=settings.sampled_k,
                           train_config=TrainConfig(epochs=args.central_epochs))  # fmt: skip

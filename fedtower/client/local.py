@@ -147,7 +147,7 @@ def load_node_data(settings: RunSettings, node: NodeSettings | Mapping) -> NodeD
         dataset = run_dataset(settings)
         recorded = _recorded_events(settings, node, dataset.catalogue)
         if recorded.empty:
-            return _cached_partition(_source_key(settings), spec, config, partition_id)
+            return _cached_partition(_data_source(settings), spec, config, partition_id)
         # Events recorded while serving are the site's own data: train on them next round.
         local = _partition_dataset(settings, config, partition_id)
         merged = Dataset(local.catalogue, merge_events(local.events, recorded), name=local.name)
@@ -169,23 +169,19 @@ def _with_train(split: PreparedSplit, dataset: Dataset) -> PreparedSplit:
     return replace(split, train=train)
 
 
-def _source_key(settings: RunSettings) -> tuple[str, str, str, str]:
-    """What the run's data is made of (for the caches below): data, train-data, test-data, event-order."""
-    return settings.data, settings.train_data, settings.test_data, settings.event_order
-
-
-def _settings_of_source(source: tuple[str, str, str, str]) -> RunSettings:
-    data, train, test, order = source
-    return RunSettings(data=data, split="given" if test else "temporal", train_data=train, test_data=test,
-                       event_order=order)  # fmt: skip
+def _data_source(settings: RunSettings) -> RunSettings:
+    """The settings that say what the run's data is (data, a given split's files, event order) and nothing
+    else: a hashable key for the caches below that a new run name or learning rate does not miss."""
+    return RunSettings(data=settings.data, split="given" if settings.split == "given" else "temporal",
+                       train_data=settings.train_data, test_data=settings.test_data,
+                       event_order=settings.event_order)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_partition(source: tuple, spec: SplitSpec | None, config: PartitionConfig, partition_id: int) -> NodeData:
-    """A simulated node's split; a Ray worker serves many messages, so compute it once.
-
-    Sized for one-user clients: 610 MovieLens users fit, so each is split once per worker."""
-    settings = _settings_of_source(source)
+def _cached_partition(settings: RunSettings, spec: SplitSpec | None, config: PartitionConfig,
+                      partition_id: int) -> NodeData:  # fmt: skip
+    """A simulated node's split (`settings`: its `_data_source`); a Ray worker serves many messages, so
+    compute it once. Sized for one-user clients: 610 MovieLens users fit, so each is split once per worker."""
     dataset = run_dataset(settings)
     where = f"{settings.data} partition {partition_id}/{config.num_partitions}"
     users = users_of_partition(dataset, config, partition_id, assignment=_partition_map(settings, config))
@@ -204,7 +200,7 @@ def _partition_map(settings: RunSettings, config: PartitionConfig) -> dict[int, 
     """Every partition's users, computed once per process and dataset: assigning all users costs
     about 60 ms at 20,000 users, which was most of a one-user client's round."""
     dataset = run_dataset(settings)
-    key = (_source_key(settings), config)
+    key = (_data_source(settings), config)
     held = _partition_maps.get(key)
     if held is None or held[0] is not dataset:
         _partition_maps.clear()
@@ -216,13 +212,18 @@ def whole_split(settings: RunSettings, spec: SplitSpec | None) -> PreparedSplit:
     """The whole run dataset's split (`spec`, or None for the given files), made again when the dataset
     cache reloaded the files. A simulation's server uses it for its references, each client cuts its users."""
     dataset = run_dataset(settings)
-    key = (_source_key(settings), spec)
+    key = (_data_source(settings), spec)
     held = _whole_splits.get(key)
     if held is None or held[0] is not dataset:
         _whole_splits.clear()  # one dataset per run: keep the memory of one
         split = given_split(settings).prepare() if spec is None else prepare_split(dataset, spec=spec)
         held = _whole_splits[key] = (dataset, split)
     return held[1]
+
+
+def run_split(settings: RunSettings) -> PreparedSplit:
+    """The whole run dataset's split under the run config's own split (or its given files)."""
+    return whole_split(settings, None if settings.split == "given" else settings.split_spec())
 
 
 def _partition_dataset(settings: RunSettings, config: PartitionConfig, partition_id: int) -> Dataset:

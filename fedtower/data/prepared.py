@@ -157,10 +157,7 @@ def prepare_split(
     else:
         loo = leave_one_out(interactions, num_negatives=spec.num_negatives, seed=spec.seed,
                             num_items=len(dataset.catalogue), pool=spec.negative_pool)  # fmt: skip
-        train = loo.train
-        held = interactions.set_index(["user", "item"]).index.isin(
-            list(zip(loo.test_items.index.astype(str), loo.test_items.to_numpy())))  # fmt: skip
-        test = interactions[held]
+        train, test = loo.train, loo.test
         if spec.num_negatives:
             user_rows = pd.Index(users).get_indexer(loo.test_items.index.astype(str))
             sampled = SampledCandidates(user_rows.astype(np.int64), loo.test_items.to_numpy(dtype=np.int64),

@@ -36,13 +36,15 @@ class LeaveOneOut(NamedTuple):
     `test_items` is indexed by user id (sorted as strings) and holds each
     evaluated user's held-out item row; row i of `negatives` (shape
     users x num_negatives) holds the sampled negatives of `test_items.index[i]`.
-    `pool` says which items the negatives were drawn from (see NEGATIVE_POOLS).
+    `pool` says which items the negatives were drawn from (see NEGATIVE_POOLS); `test` holds the held-out
+    interactions as rows of the input frame (one per evaluated user).
     """
 
     train: pd.DataFrame
     test_items: pd.Series
     negatives: np.ndarray
     pool: str = "interacted"
+    test: pd.DataFrame | None = None
 
 
 def temporal_split(interactions: pd.DataFrame, *, test_fraction: float = 0.2) -> TemporalSplit:
@@ -122,7 +124,8 @@ def leave_one_out(
         index=pd.Index(test["user"], name="user"),
         name="item",
     )
-    return LeaveOneOut(ordered[~is_test].reset_index(drop=True), test_items, candidates[drawn], pool)
+    return LeaveOneOut(ordered[~is_test].reset_index(drop=True), test_items, candidates[drawn], pool,
+                       test.reset_index(drop=True))
 
 
 def history_csr(interactions: pd.DataFrame, users: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedtower.central import popularity_baseline, popularity_sampled
-from fedtower.client.local import build_model, run_dataset, spectral_layout, whole_split
+from fedtower.client.local import build_model, run_dataset, run_split, spectral_layout
 from fedtower.config import RunSettings
 from fedtower.privacy.ledger import (
     LedgerMonitor,
@@ -168,7 +168,7 @@ def same_split_references(settings: RunSettings) -> dict[str, dict[str, float]]:
         dataset = run_dataset(settings)
         if dataset.events is None or len(dataset.events) == 0:
             return {}
-        split = whole_split(settings, None if settings.split == "given" else settings.split_spec())
+        split = run_split(settings)
     except (OSError, ValueError) as err:
         log.info("No popularity reference: %s", err)
         return {}

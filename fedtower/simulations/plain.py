@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedtower.client.handlers import local_optimizer, local_train_config, reconstruct_users
-from fedtower.client.local import build_model, partition_config, run_dataset, whole_split
+from fedtower.client.local import build_model, partition_config, run_dataset, run_split
 from fedtower.config import RunSettings
 from fedtower.data.partition import partition_users
 from fedtower.metrics import RankingSums
@@ -34,7 +34,7 @@ def plain_federation(
     catalogue = dataset.catalogue
     config = partition_config(settings, num_partitions)
     # The clients' own splits: the whole dataset's, cut to each partition's users (as load_node_data does).
-    whole = whole_split(settings, None if settings.split == "given" else settings.split_spec())
+    whole = run_split(settings)
     assignment = partition_users(dataset, config)
     splits = [whole.subset(assignment.get(p, [])) for p in range(num_partitions)]
     torch.manual_seed(settings.seed)
